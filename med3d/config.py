@@ -1,0 +1,240 @@
+"""Configuration: YAML files with ``_base_`` inheritance, dotted overrides and a typed schema.
+
+The schema is the dataclasses below; every key is checked against it, so a typo or a wrong
+type fails at once with one line naming the key. ``to_dict`` gives the resolved config that
+is saved beside each run's outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+
+import yaml
+
+from .errors import Med3DError
+from .io import write_yaml_atomic
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+Arch = Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200"]
+
+
+@dataclass
+class EncoderConfig:
+    arch: Arch = "resnet18"
+    in_channels: int = 1
+    layout: Literal["dilated", "strided"] = "dilated"
+    kernel: Literal["3x3x3", "1x3x3"] = "3x3x3"
+    shortcut: Optional[Literal["A", "B"]] = None  # None: MedicalNet's choice for the depth
+    stem_kernel: Union[int, List[int]] = 7
+    stem_stride: Union[int, List[int]] = 2
+    downsample_bias: bool = False
+    widths: List[int] = field(default_factory=lambda: [64, 128, 256, 512])
+
+
+@dataclass
+class HeadConfig:
+    type: Literal["med3d", "unet", "classification"] = "med3d"
+    num_classes: int = 2
+    channels: Optional[int] = None  # hidden width of med3d / unet heads
+    dropout: Optional[float] = None  # classification head only
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    heads: Dict[str, HeadConfig] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 1000
+    batch_size: int = 2
+    lr: float = 0.01
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    warmup_iterations: int = 0
+    amp: Literal["none", "bf16", "fp16"] = "none"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------- validation
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, List):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (dict, Dict):
+        return f"mapping of {_type_name(typing.get_args(tp)[1])}"
+    if tp is type(None):
+        return "null"
+    return "mapping" if dataclasses.is_dataclass(tp) else getattr(tp, "__name__", str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` checked against type ``tp``; raise Med3DError naming ``key`` otherwise."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise _Mismatch
+        return value
+    if origin is Union:
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, key)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise _Mismatch
+        return [_checked(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return {str(k): _checked(v, typing.get_args(tp)[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is type(None):
+        if value is not None:
+            raise _Mismatch
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise _Mismatch
+    if not isinstance(value, tp):
+        raise _Mismatch
+    return value
+
+
+def _checked(value: Any, tp: Any, key: str) -> Any:
+    try:
+        return _convert(value, tp, key)
+    except _Mismatch:
+        raise Med3DError(f"config key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: Any, data: Dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(names)}"
+            raise Med3DError(f"unknown config key '{full}'{hint}")
+        kwargs[key] = _checked(value, hints[key], full)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- loading
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise Med3DError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise Med3DError(f"{path}: not valid YAML{where}; fix the syntax")
+    if not isinstance(data, dict):
+        raise Med3DError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml_tree(path: Union[str, Path], _seen: Sequence[Path] = ()) -> Dict[str, Any]:
+    """Read a YAML config and merge in its ``_base_`` file(s) (paths relative to it; later wins)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise Med3DError(f"{path}: _base_ inheritance loops back to this file")
+    data = _read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: Dict[str, Any] = {}
+    for base in bases:
+        merged = _merge(merged, load_yaml_tree(path.parent / base, (*_seen, path)))
+    return _merge(merged, data)
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; the value is parsed as YAML (``0.01``, ``[1,2]``, ``null``)."""
+    data = _merge({}, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise Med3DError(f"override '{item}': write it as section.key=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise Med3DError(f"override '{item}': '{part}' is not a section")
+            node = node.setdefault(part, {})
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise Med3DError(f"override '{item}': the value is not valid YAML")
+    return data
+
+
+def from_dict(data: Dict[str, Any]) -> Config:
+    """Validate a plain mapping against the schema."""
+    return _build(Config, data, "")
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
+    """Load, merge, override and validate a config (``path=None``: the schema defaults)."""
+    data = load_yaml_tree(path) if path is not None else {}
+    return from_dict(apply_overrides(data, overrides))
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    """The resolved config as plain data."""
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: Config, out_dir: Union[str, Path]) -> Path:
+    """Write the resolved config as ``config.yaml`` in ``out_dir`` (atomically)."""
+    return write_yaml_atomic(Path(out_dir) / "config.yaml", to_dict(cfg))

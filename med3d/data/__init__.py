@@ -1,0 +1,1 @@
+"""Data side: demo datasets now; readers, checks, plans, cache and sampler build on it."""

@@ -1,0 +1,105 @@
+"""Task heads, each built from the encoder's ``feature_info`` so any head fits any encoder.
+
+Every head is called as ``head(features, out_size)``: the list of stage features and the
+spatial size of the network input (segmentation heads return logits at that size).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..registry import HEADS
+from .resnet3d import FeatureInfo
+
+
+def _resize(logits: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+    if tuple(logits.shape[2:]) == tuple(out_size):
+        return logits
+    return F.interpolate(logits, size=tuple(out_size), mode="trilinear", align_corners=False)
+
+
+@HEADS.register("med3d")
+class Med3DHead(nn.Module):
+    """MedicalNet's segmentation head ``conv_seg``: one 2x transposed conv and two convs on the last stage.
+
+    Parameter names (conv_seg.0/1/3/4/6) match MedicalNet's, so its ``conv_seg`` weights load.
+    """
+
+    def __init__(self, feature_info: Sequence[FeatureInfo], num_classes: int, channels: int = 32) -> None:
+        super().__init__()
+        cin = feature_info[-1].channels
+        self.conv_seg = nn.Sequential(
+            nn.ConvTranspose3d(cin, channels, 2, stride=2),
+            nn.BatchNorm3d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm3d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(channels, num_classes, 1, bias=False),
+        )
+
+    def forward(self, features: List[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
+        return _resize(self.conv_seg(features[-1]), out_size)
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True),
+        nn.Conv3d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True),
+    )
+
+
+def _upsample(cin: int, cout: int, ratio: Tuple[int, ...]) -> nn.Module:
+    """Transposed conv by ``ratio`` per axis; a 1x1x1 conv where the stride does not change (dilated stages)."""
+    if all(r == 1 for r in ratio):
+        return nn.Conv3d(cin, cout, 1)
+    return nn.ConvTranspose3d(cin, cout, ratio, stride=ratio)
+
+
+@HEADS.register("unet")
+class UNetDecoder(nn.Module):
+    """U-Net style decoder: transposed-conv upsampling from the deepest stage, concatenating each skip.
+
+    Meant for the ``strided`` layout; on the ``dilated`` one the stages of equal stride are joined by 1x1x1 convs.
+    """
+
+    def __init__(self, feature_info: Sequence[FeatureInfo], num_classes: int, channels: int = 32) -> None:
+        super().__init__()
+        self.ups = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        cin = feature_info[-1].channels
+        for deep, skip in zip(reversed(feature_info[1:]), reversed(feature_info[:-1])):
+            ratio = tuple(a // b for a, b in zip(deep.stride, skip.stride))
+            self.ups.append(_upsample(cin, skip.channels, ratio))
+            self.blocks.append(_conv_block(2 * skip.channels, skip.channels))
+            cin = skip.channels
+        self.final_up = _upsample(cin, channels, feature_info[0].stride)
+        self.final_block = _conv_block(channels, channels)
+        self.classifier = nn.Conv3d(channels, num_classes, 1)
+
+    def forward(self, features: List[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
+        x = features[-1]
+        for up, block, skip in zip(self.ups, self.blocks, reversed(features[:-1])):
+            x = up(x)
+            if x.shape[2:] != skip.shape[2:]:  # odd input sizes: align to the skip before joining
+                x = _resize(x, skip.shape[2:])
+            x = block(torch.cat([x, skip], dim=1))
+        x = self.final_block(self.final_up(x))
+        return _resize(self.classifier(x), out_size)
+
+
+@HEADS.register("classification")
+class ClassificationHead(nn.Module):
+    """Global average pooling of the last stage and a linear layer (named ``fc`` as in MedicalNet/MONAI)."""
+
+    def __init__(self, feature_info: Sequence[FeatureInfo], num_classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(feature_info[-1].channels, num_classes)
+
+    def forward(self, features: List[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
+        return self.fc(self.dropout(torch.flatten(self.pool(features[-1]), 1)))

@@ -1,0 +1,112 @@
+import pytest
+import torch
+from monai.networks import nets
+
+import med3d
+from med3d import Med3DError
+from med3d.models.resnet3d import DEPTHS
+
+# MedicalNet's published encoder sizes (millions of parameters)
+MEDICALNET_PARAMS = {10: 14.36, 18: 32.99, 34: 63.30, 50: 46.16, 101: 85.20, 152: 117.36, 200: 126.56}
+
+
+def n_params(m: torch.nn.Module) -> float:
+    return sum(p.numel() for p in m.parameters()) / 1e6
+
+
+@pytest.mark.parametrize("depth", sorted(DEPTHS))
+def test_parameter_counts_match_medicalnet(depth):
+    assert abs(n_params(med3d.create_encoder(f"resnet{depth}")) - MEDICALNET_PARAMS[depth]) < 0.05
+
+
+def monai_features(ref: nets.ResNet, x: torch.Tensor):
+    y = ref.act(ref.bn1(ref.conv1(x)))
+    feats = [y]
+    y = ref.maxpool(y)
+    for layer in (ref.layer1, ref.layer2, ref.layer3, ref.layer4):
+        y = layer(y)
+        feats.append(y)
+    return feats
+
+
+@pytest.mark.parametrize("depth", sorted(DEPTHS))
+def test_strided_encoder_equals_monai_resnet(depth):
+    torch.manual_seed(depth)
+    ours = med3d.create_encoder(f"resnet{depth}", layout="strided").eval()
+    shortcut = ours.config["shortcut"]
+    ref = getattr(nets, f"resnet{depth}")(spatial_dims=3, n_input_channels=1, feed_forward=False, conv1_t_stride=2,
+                                          shortcut_type=shortcut, bias_downsample=False).eval()
+    sd_ours, sd_ref = ours.state_dict(), ref.state_dict()
+    assert {k: v.shape for k, v in sd_ours.items()} == {k: v.shape for k, v in sd_ref.items()}
+    ours.load_state_dict(sd_ref, strict=True)  # MONAI -> med3d
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(ours(x), monai_features(ref, x)):
+            torch.testing.assert_close(a, b)
+    ref2 = getattr(nets, f"resnet{depth}")(spatial_dims=3, n_input_channels=1, feed_forward=False, conv1_t_stride=2,
+                                           shortcut_type=shortcut, bias_downsample=False).eval()
+    ref2.load_state_dict(ours.state_dict(), strict=True)  # med3d -> MONAI
+    with torch.no_grad():
+        torch.testing.assert_close(ref2(x), ref(x))
+
+
+def test_medicalnet_names():
+    keys = set(med3d.create_encoder("resnet50").state_dict())
+    for k in ["conv1.weight", "bn1.running_mean", "layer1.0.conv3.weight", "layer1.0.downsample.0.weight",
+              "layer1.0.downsample.1.weight", "layer4.2.bn3.bias"]:
+        assert k in keys
+    assert not any("downsample" in k for k in med3d.create_encoder("resnet18").state_dict())
+
+
+def test_shortcut_a_adds_no_parameters():
+    a = med3d.create_encoder("resnet34", shortcut="A")
+    b = med3d.create_encoder("resnet34", shortcut="B")
+    assert not any("downsample" in k for k in a.state_dict())
+    extra = sum(p.numel() for k, p in b.named_parameters() if "downsample" in k)
+    assert extra > 0 and abs(n_params(b) - n_params(a) - extra / 1e6) < 1e-9
+
+
+@pytest.mark.parametrize("layout,strides", [
+    ("dilated", [2, 4, 8, 8, 8]),
+    ("strided", [2, 4, 8, 16, 32]),
+])
+def test_feature_shapes_and_strides(layout, strides):
+    enc = med3d.create_encoder("resnet50", in_channels=3, layout=layout)
+    assert [f.stride for f in enc.feature_info] == [(s, s, s) for s in strides]
+    assert [f.channels for f in enc.feature_info] == [64, 256, 512, 1024, 2048]
+    x = torch.randn(1, 3, 64, 64, 64)
+    with torch.no_grad():
+        feats = enc.eval()(x)
+    for f, info in zip(feats, enc.feature_info):
+        assert f.shape[1] == info.channels
+        assert tuple(f.shape[2:]) == tuple(64 // s for s in info.stride)
+
+
+def test_1x3x3_identical_slices_give_identical_feature_slices():
+    torch.manual_seed(0)
+    enc = med3d.create_encoder("resnet18", kernel="1x3x3", layout="strided").eval()
+    assert enc.conv1.weight.shape[2:] == (1, 7, 7)
+    assert all(f.stride[0] == 1 for f in enc.feature_info)
+    x = torch.randn(1, 1, 1, 48, 48).repeat(1, 1, 6, 1, 1)
+    with torch.no_grad():
+        for f in enc(x):
+            assert f.shape[2] == 6
+            torch.testing.assert_close(f, f[:, :, :1].expand_as(f))
+
+
+def test_any_number_of_channels_and_stem_options():
+    enc = med3d.create_encoder("resnet10", in_channels=5, stem_kernel=[3, 7, 7], stem_stride=[1, 2, 2])
+    assert enc.conv1.weight.shape == (64, 5, 3, 7, 7)
+    assert enc.feature_info[0].stride == (1, 2, 2)
+    out = enc(torch.randn(1, 5, 8, 32, 32))
+    assert out[-1].shape[2:] == (2, 4, 4)
+
+
+def test_bad_arch_and_channels():
+    with pytest.raises(Med3DError, match="unknown encoder 'resnet19'"):
+        med3d.create_encoder("resnet19")
+    enc = med3d.create_encoder("resnet10", in_channels=2)
+    with pytest.raises(Med3DError, match="1 channel.*expects 2"):
+        enc(torch.randn(1, 1, 16, 16, 16))
+    with pytest.raises(Med3DError, match=r"expects \(N, C, D, H, W\)"):
+        enc(torch.randn(2, 16, 16, 16))
