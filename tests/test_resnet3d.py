@@ -6,6 +6,8 @@ import med3d
 from med3d import Med3DError
 from med3d.models.resnet3d import DEPTHS
 
+from helpers import monai_stage_features
+
 # MedicalNet's published encoder sizes (millions of parameters)
 MEDICALNET_PARAMS = {10: 14.36, 18: 32.99, 34: 63.30, 50: 46.16, 101: 85.20, 152: 117.36, 200: 126.56}
 
@@ -17,16 +19,6 @@ def n_params(m: torch.nn.Module) -> float:
 @pytest.mark.parametrize("depth", sorted(DEPTHS))
 def test_parameter_counts_match_medicalnet(depth):
     assert abs(n_params(med3d.create_encoder(f"resnet{depth}")) - MEDICALNET_PARAMS[depth]) < 0.05
-
-
-def monai_features(ref: nets.ResNet, x: torch.Tensor):
-    y = ref.act(ref.bn1(ref.conv1(x)))
-    feats = [y]
-    y = ref.maxpool(y)
-    for layer in (ref.layer1, ref.layer2, ref.layer3, ref.layer4):
-        y = layer(y)
-        feats.append(y)
-    return feats
 
 
 @pytest.mark.parametrize("depth", sorted(DEPTHS))
@@ -41,7 +33,7 @@ def test_strided_encoder_equals_monai_resnet(depth):
     ours.load_state_dict(sd_ref, strict=True)  # MONAI -> med3d
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
-        for a, b in zip(ours(x), monai_features(ref, x)):
+        for a, b in zip(ours(x), monai_stage_features(ref, x)):
             torch.testing.assert_close(a, b)
     ref2 = getattr(nets, f"resnet{depth}")(spatial_dims=3, n_input_channels=1, feed_forward=False, conv1_t_stride=2,
                                            shortcut_type=shortcut, bias_downsample=False).eval()

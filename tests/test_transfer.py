@@ -11,6 +11,8 @@ from med3d.transfer import (adapt_input_conv, first_k_stages, inflate_state_dict
                             load_pretrained, map_input_channels, mean_var)
 from med3d.transfer.formats import describe_state_dict, read_weights
 
+from helpers import monai_stage_features
+
 
 def randomize_bn(module):
     """Non-trivial BN statistics so that comparisons exercise them."""
@@ -134,16 +136,6 @@ def monai_2d(depth_blocks, block="basic", seed=0):
     return net.eval()
 
 
-def features_2d(net, x):
-    y = net.act(net.bn1(net.conv1(x)))
-    out = [y]
-    y = net.maxpool(y)
-    for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
-        y = layer(y)
-        out.append(y)
-    return out
-
-
 def test_monai_2d_keys_are_torchvision_keys():
     keys = set(monai_2d([2, 2, 2, 2]).state_dict())
     assert {"conv1.weight", "layer2.0.downsample.0.weight", "layer2.0.downsample.1.running_var",
@@ -169,7 +161,7 @@ def test_1x3x3_inflation_equals_2d_network_slice_by_slice(arch, blocks, block, d
     with torch.no_grad():
         feats3d = enc(x)
         for d in range(3):
-            for f3, f2 in zip(feats3d, features_2d(net2d, x[:, :, d])):
+            for f3, f2 in zip(feats3d, monai_stage_features(net2d, x[:, :, d])):
                 assert (f3[:, :, d] - f2).abs().max() < tol
 
 
@@ -182,7 +174,7 @@ def test_i3d_and_center_inflation_on_identical_slices(mode):
     img = torch.randn(1, 3, 64, 64)
     x = img[:, :, None].repeat(1, 1, 192, 1, 1)
     with torch.no_grad():
-        feats3d, feats2d = enc(x), features_2d(net2d, img)
+        feats3d, feats2d = enc(x), monai_stage_features(net2d, img)
     for f3, f2, info in zip(feats3d, feats2d, enc.feature_info):
         mid = f3.shape[2] // 2  # away from the depth borders
         assert (f3[:, :, mid] - f2).abs().max() < 1e-4, info.name
