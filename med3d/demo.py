@@ -1,6 +1,7 @@
 """``med3d demo``: the built-in walk-through on generated demo data."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -15,8 +16,6 @@ from .data.demo import TASK_NAMES, TASKS, is_complete, write_demo_data
 
 def _first_case(folder: Path) -> np.ndarray:
     """First training image of a demo task as (C, D, H, W), first modality only, z-scored."""
-    import json
-
     meta = json.loads((folder / "dataset.json").read_text())
     arr = np.asarray(nib.load(folder / meta["training"][0]["image"]).dataobj, dtype=np.float32)
     arr = arr[..., 0] if arr.ndim == 4 else arr

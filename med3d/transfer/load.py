@@ -66,7 +66,7 @@ def _seg_task(module: nn.Module, task: Optional[str]) -> Optional[str]:
     return seg[0] if len(seg) == 1 else None
 
 
-def _target_key(key: str, module: nn.Module, prefix: str, seg_task: Optional[str]) -> Optional[str]:
+def _target_key(key: str, prefix: str, seg_task: Optional[str]) -> Optional[str]:
     if key.startswith(("encoder.", "heads.")):  # a med3d multi-task checkpoint
         if prefix:
             return key
@@ -109,7 +109,7 @@ def load_pretrained(module: nn.Module, path: Union[str, Path, Weights], source: 
     target = module.state_dict()
     new: StateDict = {}
     for key, value in sd.items():
-        dst = _target_key(key, module, prefix, seg_task)
+        dst = _target_key(key, prefix, seg_task)
         if dst is None or dst not in target:
             report.unexpected.append(key)
             continue
