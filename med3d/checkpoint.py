@@ -12,7 +12,7 @@ from .config import Config, from_dict, to_dict
 from .errors import Med3DError
 from .io import write_atomic
 from .models.multitask import MultiTaskModel
-from .transfer.formats import read_weights
+from .transfer.formats import Weights, read_weights
 
 
 def save_checkpoint(path: Union[str, Path], model: MultiTaskModel, cfg: Config,
@@ -25,7 +25,11 @@ def save_checkpoint(path: Union[str, Path], model: MultiTaskModel, cfg: Config,
 
 def load_checkpoint(path: Union[str, Path]) -> Tuple[MultiTaskModel, Config, Dict[str, Any]]:
     """Rebuild the model from a med3d checkpoint's config and load its weights strictly."""
-    weights = read_weights(path)
+    return model_from_weights(read_weights(path), path)
+
+
+def model_from_weights(weights: Weights, path: Union[str, Path]) -> Tuple[MultiTaskModel, Config, Dict[str, Any]]:
+    """``load_checkpoint`` for weights already read from ``path`` (named in errors)."""
     if weights.config is None:
         raise Med3DError(f"{path}: not a med3d checkpoint (no config inside); it holds plain "
                          f"{weights.source} weights: give --arch to build an encoder for them")

@@ -17,13 +17,13 @@ WEIGHTS_INDEX = Path(__file__).resolve().parent.parent / "weights" / "index.yaml
 def _model_from_file(args: argparse.Namespace):
     """A med3d checkpoint rebuilds its model; other weights need --arch (and friends) to build an encoder."""
     from .api import create_encoder
-    from .checkpoint import load_checkpoint
+    from .checkpoint import model_from_weights
     from .transfer.formats import read_weights
     from .transfer.load import load_pretrained
 
     weights = read_weights(args.checkpoint)
     if weights.config is not None:
-        model, _, meta = load_checkpoint(args.checkpoint)
+        model, _, meta = model_from_weights(weights, args.checkpoint)
         return model, meta
     if weights.source == "med3d" and isinstance(weights.metadata.get("encoder"), dict):
         enc_cfg = dict(weights.metadata["encoder"])
