@@ -26,4 +26,4 @@ def create_model(cfg: Union[Config, Mapping[str, Any]]) -> MultiTaskModel:
     model_cfg = to_dict(cfg)["model"]
     enc = dict(model_cfg["encoder"])
     encoder = create_encoder(enc.pop("arch"), **enc)
-    return MultiTaskModel(encoder, build_heads(encoder, model_cfg["heads"]))
+    return MultiTaskModel(encoder, build_heads(encoder, model_cfg["heads"]), model_cfg.get("adapters"))

@@ -14,16 +14,6 @@ from . import __version__
 from .errors import Med3DError
 
 Handler = Callable[[argparse.Namespace], int]
-# Subcommands whose implementation lands with a later part of the roadmap; they answer honestly.
-PLANNED = {
-    "check-data": ("validate datasets (images, labels, geometry) before training", "the data pipeline"),
-    "prepare": ("plan and preprocess datasets into the on-disk cache", "the data pipeline"),
-    "pretrain": ("train a shared encoder with one head per task over several datasets", "the training engine"),
-    "finetune": ("train a new task from a pretrained encoder", "the training engine"),
-    "predict": ("segment new scans, written in their original geometry", "prediction"),
-    "evaluate": ("Dice / HD95 / surface-distance tables of predictions against references", "evaluation"),
-    "bench": ("throughput benchmarks (loader, training, inference)", "the benchmarks"),
-}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -71,15 +61,21 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.set, quick=args.quick)
+    if any(o.startswith(("run.out_dir=", "data.datasets", "data.cache_dir=")) for o in args.set):
+        raise Med3DError("--set: the demo places its runs, data and cache under --out; give --out instead")
+    return run_demo(args.set, quick=args.quick, out_dir=args.out, progress=not args.quiet)
 
 
-def _planned(name: str) -> Handler:
-    def handler(args: argparse.Namespace) -> int:
-        raise Med3DError(f"'med3d {name}' is not available in med3d {__version__} yet; it arrives with "
-                         f"{PLANNED[name][1]}")
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
 
-    return handler
+    if args.what == "loader":
+        bench.loader_bench(Path(args.dataset) if args.dataset else None, workers=args.workers, n=args.patches)
+    elif args.what == "train":
+        bench.train_bench(iterations=args.iterations, device=args.device)
+    else:
+        bench.infer_bench(device=args.device)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the built-in demo on generated data")
     _add_config_args(p)
-    p.add_argument("--quick", action="store_true", help="fewer cases, for a smoke test")
+    p.add_argument("--quick", action="store_true", help="a few iterations only, for a smoke test")
+    p.add_argument("--out", default="runs/demo", help="folder for data, cache, runs and the exported encoder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     handlers["demo"] = cmd_demo
 
     p = sub.add_parser("demo-data", help="write the synthetic demo datasets in Decathlon (MSD) layout")
@@ -112,14 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encoders", help="list the encoders and their parameter counts")
     handlers["encoders"] = cmd_encoders
 
-    from . import cli_transfer
+    p = sub.add_parser("bench", help="throughput benchmarks against a baseline run in the same process")
+    p.add_argument("what", choices=["loader", "train", "infer"],
+                   help="loader: cache vs MONAI decode; train: fp32 vs bf16; infer: predict vs plain MONAI")
+    p.add_argument("--dataset", help="loader: a dataset folder (default: generated demo spleen data)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader: worker counts to measure")
+    p.add_argument("--patches", type=int, default=40, help="loader: baseline patches per measurement")
+    p.add_argument("--iterations", type=int, default=10, help="train: timed iterations")
+    p.add_argument("--device", help="train/infer: cpu or cuda (default: cuda when available)")
+    handlers["bench"] = cmd_bench
 
+    from . import cli_predict, cli_train, cli_transfer
+
+    handlers.update(cli_train.add_parsers(sub))
+    handlers.update(cli_predict.add_parsers(sub))
     handlers.update(cli_transfer.add_parsers(sub))
 
-    for name, (summary, _) in PLANNED.items():
-        p = sub.add_parser(name, help=f"{summary} (not yet available)", description=summary)
-        p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
-        handlers[name] = _planned(name)
     parser.set_defaults(_handlers=handlers)
     return parser
 

@@ -49,6 +49,8 @@ class HeadConfig:
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     heads: Dict[str, HeadConfig] = field(default_factory=dict)
+    # Per-task 1x1x1 input adapters (task -> its channel count), for data.input_policy 'adapter'.
+    adapters: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,7 +62,8 @@ class RunConfig:
 @dataclass
 class TrainConfig:
     iterations: int = 1000
-    batch_size: int = 2
+    batch_size: int = 2  # global batch per optimizer step (split over DDP ranks and accumulation)
+    accumulate: int = 1  # micro-batches per step on each rank
     lr: float = 0.01
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.99
@@ -68,6 +71,85 @@ class TrainConfig:
     schedule: Literal["poly", "cosine", "constant"] = "poly"
     warmup_iterations: int = 0
     amp: Literal["none", "bf16", "fp16"] = "none"
+    clip_grad: Optional[float] = 12.0  # max gradient norm; null: no clipping
+    loss: Literal["dice_ce", "focal", "dice_focal"] = "dice_ce"
+    ignore_label: Optional[int] = None  # voxels with this label count in no loss
+    channels_last: bool = False  # channels_last_3d memory format
+    compile: bool = False  # torch.compile the model
+    sync_bn: bool = False  # SyncBatchNorm under DDP (GPU only)
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    threads: Optional[int] = None  # torch CPU threads; null: torch's default
+
+
+@dataclass
+class DatasetEntry:
+    path: str  # raw dataset folder, Decathlon or nnU-Net v2 layout
+    descriptor: Optional[str] = None  # descriptor YAML; null: the one shipped in datasets/ for this name
+    spacing: Optional[List[float]] = None  # target spacing (z, y, x) mm; null: the plan's
+    normalization: Optional[List[str]] = None  # per channel: ct | zscore | none
+    # Which channel(s) to feed (e.g. [0, 2, 3] for three of BraTS' four); null: all when the encoder takes
+    # that many, else data.input_policy decides.
+    channel: Optional[Union[int, List[int]]] = None
+    loss_weight: float = 1.0
+
+
+@dataclass
+class AugmentConfig:
+    """Probability of each augmentation per patch (0 turns it off)."""
+
+    flip: float = 0.5  # per axis
+    rot90: float = 0.0  # in-plane quarter turns
+    affine: float = 0.2
+    rotate_deg: float = 15.0
+    scale: float = 0.15
+    elastic: float = 0.0
+    intensity_scale: float = 0.15
+    intensity_shift: float = 0.15
+    gamma: float = 0.3
+    noise: float = 0.1
+    blur: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    datasets: Dict[str, DatasetEntry] = field(default_factory=dict)  # task name (= head name) -> dataset
+    cache_dir: str = "cache"
+    patch_size: List[int] = field(default_factory=lambda: [64, 64, 64])  # (z, y, x) voxels
+    foreground_share: float = 0.33  # patches centred on a labelled voxel (nnU-Net forces a third)
+    mixing: Literal["round_robin", "proportional", "temperature"] = "round_robin"
+    temperature: float = 2.0
+    input_policy: Literal["select", "adapter"] = "select"
+    select_channel: int = 0
+    val_fraction: float = 0.2  # held-out share of each dataset's training cases
+    train_cases: Optional[Union[int, float]] = None  # small-data studies: a count, or a fraction
+    workers: int = 2
+    pin_memory: bool = True  # used on GPU only
+    persistent_workers: bool = True
+    check: bool = True  # run check-data before training
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 0  # iterations between validations; 0: only at the end
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    hd95: bool = True
+    max_cases: Optional[int] = None  # per task
+
+
+@dataclass
+class FinetuneConfig:
+    weights: Optional[str] = None  # any file load_pretrained reads; null: train from scratch
+    source: str = "auto"
+    init: Literal["full", "first_k", "mean_var", "scratch"] = "full"
+    first_k: int = 2
+    freeze: List[str] = field(default_factory=list)  # encoder stages: stem, layer1..layer4
+    unfreeze_at: Optional[int] = None  # iteration at which frozen stages start training
+    encoder_lr_mult: float = 1.0
+    head_lr_mult: float = 1.0  # MedicalNet trains new layers at 100x the pretrained ones
 
 
 @dataclass
@@ -75,6 +157,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # ---------------------------------------------------------------- validation

@@ -1,52 +1,90 @@
-"""``med3d demo``: the built-in walk-through on generated demo data."""
+"""``med3d demo``: the whole Med3D workflow on generated data, on a laptop CPU.
+
+1. write the four demo tasks (Decathlon layout);
+2. pretrain a small shared encoder on three of them (one head each);
+3. export the encoder (safetensors with metadata);
+4. fine-tune on the fourth (spleen CT, three training cases) from that encoder, and from
+   scratch with the same budget;
+5. print Dice of both and how many iterations each needed to reach the scratch run's final Dice.
+"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-import nibabel as nib
-import numpy as np
-import torch
-
-from .api import create_model
-from .config import CONFIG_DIR, load_config, save_resolved
-from .data.demo import TASK_NAMES, TASKS, is_complete, write_demo_data
+from .config import CONFIG_DIR, Config, load_config
+from .data.demo import TASK_NAMES, is_complete, write_demo_data
+from .engine.trainer import describe, train
+from .export import export_encoder
 
 
-def _first_case(folder: Path) -> np.ndarray:
-    """First training image of a demo task as (C, D, H, W), first modality only, z-scored."""
-    meta = json.loads((folder / "dataset.json").read_text())
-    arr = np.asarray(nib.load(folder / meta["training"][0]["image"]).dataobj, dtype=np.float32)
-    arr = arr[..., 0] if arr.ndim == 4 else arr
-    arr = np.transpose(arr, (2, 1, 0))  # (X, Y, Z) -> (D, H, W)
-    return ((arr - arr.mean()) / (arr.std() + 1e-6))[None]
+def _configs(out: Path, overrides: Sequence[str], quick: bool) -> Dict[str, Config]:
+    """The three run configs with every path under ``out`` (user overrides apply to all three)."""
+    data, cache = out / "data", out / "cache"
+    common = [f"data.cache_dir={cache}"]
+    if quick:
+        common += ["train.iterations=12", "validation.every=6", "train.checkpoint_every=12", "data.workers=0"]
+    pre = [f"data.datasets.{t}.path={data / t}" for t in TASK_NAMES[:3]]
+    ft = [f"data.datasets.{TASK_NAMES[3]}.path={data / TASK_NAMES[3]}",
+          f"finetune.weights={out / 'encoder.safetensors'}"]
+    return {
+        "pretrain": load_config(CONFIG_DIR / "demo" / "pretrain.yaml",
+                                [*pre, *common, f"run.out_dir={out / 'pretrain'}", *overrides]),
+        "pretrained": load_config(CONFIG_DIR / "demo" / "finetune.yaml",
+                                  [*ft, *common, f"run.out_dir={out / 'finetune_pretrained'}", *overrides]),
+        "scratch": load_config(CONFIG_DIR / "demo" / "finetune.yaml",
+                               [*ft, *common, f"run.out_dir={out / 'finetune_scratch'}", "finetune.init=scratch",
+                                *overrides]),
+    }
 
 
-def run_demo(overrides: Sequence[str] = (), quick: bool = False) -> int:
-    """Generate the demo data, build the multi-task model from configs/demo/demo.yaml and run every head."""
-    cfg = load_config(CONFIG_DIR / "demo" / "demo.yaml", overrides)
-    out = Path(cfg.run.out_dir)
+def iterations_to_reach(history: List[Dict[str, Any]], target: float) -> Optional[int]:
+    """First validated iteration whose mean Dice reaches ``target`` (None if never)."""
+    for row in history:
+        if row["mean_dice"] >= target - 1e-9:
+            return int(row["iteration"])
+    return None
+
+
+def run_demo(overrides: Sequence[str] = (), quick: bool = False, out_dir: str = "runs/demo",
+             progress: bool = True) -> int:
+    """Run the demo; writes everything under ``out_dir`` and prints the comparison table."""
+    out = Path(out_dir)
+    cfgs = _configs(out, overrides, quick)
     data = out / "data"
     missing = [t for t in TASK_NAMES if not is_complete(data / t)]
     if missing:
-        n_train, n_test = (3, 1) if quick else (10, 2)
-        write_demo_data(data, seed=cfg.run.seed, n_train=n_train, n_test=n_test, tasks=missing)
-    save_resolved(cfg, out)
-    torch.manual_seed(cfg.run.seed)
-    model = create_model(cfg).eval()
-    n_enc = sum(p.numel() for p in model.encoder.parameters()) / 1e6
-    print(f"\nencoder {cfg.model.encoder.arch} ({cfg.model.encoder.layout}, widths {cfg.model.encoder.widths}): "
-          f"{n_enc:.2f}M parameters; heads: {', '.join(model.tasks)}")
-    print(f"{'task':<24} {'modalities':<22} {'labels':<42} {'input':<18} {'logits'}")
-    with torch.no_grad():
-        for task in TASKS:
-            x = torch.from_numpy(_first_case(data / task.folder))[None]
-            y = model(x, task.folder) if task.folder in model.heads else None
-            labels = ", ".join(v for k, v in task.labels.items() if k != "0")
-            shape = "-" if y is None else str(tuple(y.shape[1:]))
-            print(f"{task.folder:<24} {', '.join(task.modality.values()):<22} {labels:<42} "
-                  f"{str(tuple(x.shape[2:])):<18} {shape}")
-    print(f"\ndata in {data}, resolved config in {out / 'config.yaml'}")
-    print("pretraining and fine-tuning join this demo with the training engine.")
+        n_train, n_test = (5, 1) if quick else (10, 2)
+        print(f"writing demo data ({n_train} training cases per task) to {data}")
+        write_demo_data(data, seed=cfgs["pretrain"].run.seed, n_train=n_train, n_test=n_test, tasks=missing,
+                        show_progress=progress)
+
+    print(f"\n[1/3] pretraining on {', '.join(TASK_NAMES[:3])}")
+    pre = train(cfgs["pretrain"], "pretrain", progress=progress)
+    print(describe(pre))
+    from .checkpoint import load_checkpoint
+
+    model, _, meta = load_checkpoint(Path(cfgs["pretrain"].run.out_dir) / "checkpoints" / "last.pt")
+    enc_path = export_encoder(model, "safetensors", out / "encoder.safetensors", overwrite=True,
+                              meta={"datasets": ",".join(TASK_NAMES[:3]), "job": "med3d demo"})
+    print(f"encoder exported to {enc_path}")
+
+    print(f"\n[2/3] fine-tuning on {TASK_NAMES[3]} from the pretrained encoder")
+    ft = train(cfgs["pretrained"], "finetune", progress=progress)
+    print(describe(ft))
+    print(f"\n[3/3] fine-tuning on {TASK_NAMES[3]} from scratch (same budget)")
+    sc = train(cfgs["scratch"], "finetune", progress=progress)
+    print(describe(sc))
+
+    target = sc["final"]["mean_dice"]
+    rows = [("pretrained encoder", ft), ("from scratch", sc)]
+    print(f"\n{TASK_NAMES[3]}: {cfgs['scratch'].data.train_cases} training cases, "
+          f"{cfgs['scratch'].train.iterations} iterations each")
+    print(f"{'initialisation':<20} {'final Dice':>10} {'best Dice':>10} {'iterations to reach scratch final':>34}")
+    for name, s in rows:
+        reach = iterations_to_reach(s["history"], target)
+        best = s["best"]["metric"]
+        print(f"{name:<20} {s['final']['mean_dice']:>10.3f} {best if best is not None else float('nan'):>10.3f} "
+              f"{str(reach) if reach is not None else 'not reached':>34}")
+    print(f"\noutputs under {out}: pretrain/, finetune_pretrained/, finetune_scratch/, encoder.safetensors")
     return 0

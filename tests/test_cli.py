@@ -17,12 +17,6 @@ def test_help_on_every_subcommand(command, capsys):
     assert "usage: med3d " + command in capsys.readouterr().out
 
 
-def test_planned_command_says_so(capsys):
-    assert main(["pretrain", "cfg.yaml"]) == 2
-    err = capsys.readouterr().err
-    assert "not available" in err and err.count("\n") == 1
-
-
 def test_demo_data_refuses_to_overwrite(tmp_path, capsys):
     assert main(["demo-data", str(tmp_path), "--train", "1", "--test", "0", "--tasks", "Task09_SpleenDemo"]) == 0
     assert main(["demo-data", str(tmp_path), "--tasks", "Task09_SpleenDemo"]) == 2
@@ -30,13 +24,25 @@ def test_demo_data_refuses_to_overwrite(tmp_path, capsys):
     assert main(["demo-data", str(tmp_path), "--tasks", "NoSuchTask"]) == 2
 
 
-def test_wrong_channel_count_at_forward_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "med3d.cli", "demo", "--quick", "--set", f"run.out_dir={tmp_path}",
+def test_channel_mismatch_between_data_and_encoder_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "med3d.cli", "demo", "--quick", "--quiet", "--out", str(tmp_path),
                         "--set", "model.encoder.in_channels=2"], capture_output=True, text=True)
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
-    assert "1 channel(s) but the encoder resnet10 expects 2" in last
+    assert "has 4 channels but the encoder takes 2" in last and "input_policy" in last
     assert "Traceback" not in r.stderr
+
+
+def test_demo_quick_runs_the_whole_workflow(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "med3d.cli", "demo", "--quick", "--quiet", "--out", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pretrained encoder" in r.stdout and "from scratch" in r.stdout
+    assert (tmp_path / "encoder.safetensors").is_file()
+    for run in ("pretrain", "finetune_pretrained", "finetune_scratch"):
+        assert (tmp_path / run / "checkpoints" / "last.pt").is_file(), run
+    assert "loaded" in (tmp_path / "finetune_pretrained" / "load_report.txt").read_text()
+    assert not (tmp_path / "finetune_scratch" / "load_report.txt").exists()
 
 
 def test_parser_lists_all_commands():

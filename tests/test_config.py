@@ -56,7 +56,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_resolved_config_is_saved_and_reloads(tmp_path):
-    cfg = load_config(CONFIG_DIR / "demo" / "demo.yaml", ["train.lr=0.05"])
+    cfg = load_config(CONFIG_DIR / "demo" / "pretrain.yaml", ["train.lr=0.05"])
     path = save_resolved(cfg, tmp_path / "run")
     again = load_config(path)
     assert to_dict(again) == to_dict(cfg)
@@ -71,7 +71,7 @@ def test_shipped_configs_are_valid():
 
 
 def test_cli_reports_bad_key_in_one_line():
-    r = subprocess.run([sys.executable, "-m", "med3d.cli", "config", str(CONFIG_DIR / "demo" / "demo.yaml"),
+    r = subprocess.run([sys.executable, "-m", "med3d.cli", "config", str(CONFIG_DIR / "demo" / "pretrain.yaml"),
                         "--set", "train.lrr=1"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "train.lrr" in r.stderr

@@ -14,10 +14,13 @@ from .resnet3d import ResNet3D
 class MultiTaskModel(nn.Module):
     """A shared encoder with a head per task; ``model(x, task="liver")`` runs the encoder once and that head."""
 
-    def __init__(self, encoder: ResNet3D, heads: Optional[Mapping[str, nn.Module]] = None) -> None:
+    def __init__(self, encoder: ResNet3D, heads: Optional[Mapping[str, nn.Module]] = None,
+                 adapters: Optional[Mapping[str, int]] = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.heads = nn.ModuleDict(dict(heads or {}))
+        # Per-task input adapters: a 1x1x1 conv from the task's channels to the encoder's.
+        self.adapters = nn.ModuleDict({t: nn.Conv3d(c, encoder.in_channels, 1) for t, c in (adapters or {}).items()})
 
     @property
     def tasks(self) -> list:
@@ -44,6 +47,8 @@ class MultiTaskModel(nn.Module):
                 raise Med3DError(f"the model has heads {', '.join(self.heads)}; name the task")
             task = next(iter(self.heads))
         self._check_task(task)
+        if task in self.adapters:
+            x = self.adapters[task](x)
         features = self.encoder(x)
         return self.heads[task](features, x.shape[2:])
 

@@ -1,0 +1,187 @@
+"""``med3d bench``: throughput figures printed side by side with a named baseline run in the same process.
+
+- ``loader``: patches/s from med3d's prepared cache (memory-mapped, keyed sampling) against the
+  usual MONAI pipeline that decodes the NIfTI for every patch (LoadImaged, EnsureChannelFirstd,
+  Spacingd, intensity scaling, RandCropByPosNegLabeld), same workers, same patch size, no augmentation.
+- ``train``: training iterations/s of the demo encoder in float32 against bf16 autocast.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def _rate(loader, n: int) -> float:
+    it = iter(loader)
+    next(it)  # worker start-up and first decode are not throughput
+    t0 = time.perf_counter()
+    got = 0
+    for batch in it:
+        got += 1
+        if got >= n:
+            break
+    return got / (time.perf_counter() - t0)
+
+
+def monai_baseline_loader(dataset_root: Path, plan: Dict[str, Any], patch_zyx: Sequence[int], workers: int,
+                          n: int):
+    """The decode-every-time MONAI pipeline (arrays in MONAI's (C, X, Y, Z) order, so the patch is reversed)."""
+    from monai import transforms as T
+    from monai.data import DataLoader, Dataset
+
+    from .data.datalist import read_dataset
+
+    info = read_dataset(dataset_root)
+    files = [{"image": str(c.images[0]), "label": str(c.label)} for c in info.cases]
+    files = (files * (n // len(files) + 2))[: n + 1]
+    norm = plan["normalization"][0]
+    if norm["scheme"] == "ct":
+        lo, hi = norm["clip"]
+        scale = T.ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    else:
+        scale = T.NormalizeIntensityd("image", nonzero=True)
+    pipeline = T.Compose([
+        T.LoadImaged(["image", "label"]), T.EnsureChannelFirstd(["image", "label"]),
+        T.Spacingd(["image", "label"], pixdim=tuple(reversed(plan["target_spacing"])), mode=("bilinear", "nearest")),
+        scale,
+        T.RandCropByPosNegLabeld(["image", "label"], "label", spatial_size=tuple(reversed(patch_zyx)), pos=1, neg=2,
+                                 num_samples=1),
+    ])
+    return DataLoader(Dataset(files, pipeline), batch_size=1, num_workers=workers, shuffle=False)
+
+
+def loader_bench(dataset_root: Optional[Path] = None, workers: Sequence[int] = (0, 2), n: int = 40,
+                 patch: Sequence[int] = (32, 64, 64)) -> List[Dict[str, Any]]:
+    """Print and return patches/s of med3d's cache loader and the MONAI baseline for each worker count."""
+    from monai.utils import set_determinism
+
+    from .data.cache import load_cache, prepare_dataset
+    from .data.demo import write_demo_data
+    from .data.sampler import MixSchedule, PatchBatches, TaskData, make_loader
+
+    set_determinism(0)
+    tmp = Path(tempfile.mkdtemp(prefix="med3d-bench-"))
+    if dataset_root is None:
+        write_demo_data(tmp / "raw", n_train=8, n_test=0, tasks=["Task09_SpleenDemo"], show_progress=False)
+        dataset_root = tmp / "raw" / "Task09_SpleenDemo"
+    prepared = prepare_dataset(dataset_root, tmp / "cache", workers=2, progress=False)
+    plan, cases = load_cache(prepared.folder)
+    shape = np.median([c.props["shape"] for c in cases], axis=0).astype(int).tolist()
+    print(f"dataset {dataset_root} ({len(cases)} cases, median shape {shape} at {plan['target_spacing']} mm), "
+          f"patch {list(patch)}, one patch per item, no augmentation")
+    print(f"{'workers':>7} {'med3d cache (patches/s)':>24} {'MONAI decode (patches/s)':>25} {'ratio':>7}")
+    rows = []
+    for w in workers:
+        ds = PatchBatches([TaskData("t", cases, plan)], MixSchedule(["t"], [len(cases)]), patch, 1, 0.33, None)
+        ours = _rate(make_loader(ds, 0, n * 50, workers=w, persistent_workers=False), n * 10)
+        base = _rate(monai_baseline_loader(dataset_root, plan, patch, w, n), n)
+        rows.append({"workers": w, "med3d": ours, "monai": base, "ratio": ours / base})
+        print(f"{w:>7} {ours:>24.1f} {base:>25.2f} {ours / base:>6.1f}x")
+    return rows
+
+
+def train_bench(iterations: int = 10, batch: int = 2, patch: Sequence[int] = (32, 64, 64),
+                device: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Training iterations/s of the demo encoder + one Med3D head: float32 against bf16 autocast."""
+    from .api import create_model
+    from .config import CONFIG_DIR, load_config
+    from .engine.losses import SegLoss
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = load_config(CONFIG_DIR / "demo" / "pretrain.yaml")
+    rows = []
+    print(f"{'precision':>9} {'it/s':>8} {'samples/s':>10}   ({cfg.model.encoder.arch} widths "
+          f"{cfg.model.encoder.widths}, batch {batch}, patch {list(patch)}, {dev})")
+    for name, dtype in (("float32", None), ("bf16", torch.bfloat16)):
+        torch.manual_seed(0)
+        model = create_model(cfg).to(dev).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        loss_fn = SegLoss()
+        task = model.tasks[0]
+        x = torch.randn(batch, 1, *patch, device=dev)
+        y = torch.randint(0, cfg.model.heads[task].num_classes, (batch, 1, *patch), device=dev)
+
+        def step() -> None:
+            opt.zero_grad()
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+                out = model(x, task)
+            loss_fn(out, y).backward()
+            opt.step()
+
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        rate = iterations / (time.perf_counter() - t0)
+        rows.append({"precision": name, "it_per_s": rate, "samples_per_s": rate * batch})
+        print(f"{name:>9} {rate:>8.2f} {rate * batch:>10.1f}")
+    print(f"bf16 / float32: {rows[1]['it_per_s'] / rows[0]['it_per_s']:.2f}x")
+    return rows
+
+
+def infer_bench(shape_zyx: Sequence[int] = (128, 256, 256), patch: Sequence[int] = (32, 64, 64),
+                overlap: float = 0.5, sw_batch_size: int = 2, repeats: int = 1,
+                device: Optional[str] = None) -> Dict[str, Any]:
+    """Seconds per case of med3d's predict path against a plain MONAI sliding_window_inference call.
+
+    Same model (the demo encoder with one Med3D head), same window, overlap, batch of windows and
+    Gaussian blending. med3d's figure includes its pre- and post-processing (crop, normalise,
+    softmax, restore to the input grid); the baseline is the bare network pass.
+    """
+    from monai.inferers import sliding_window_inference
+
+    from .api import create_model
+    from .config import CONFIG_DIR, load_config
+    from .data.image import Geometry, Image
+    from .inference import Predictor
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = load_config(CONFIG_DIR / "demo" / "finetune.yaml")
+    torch.manual_seed(0)
+    model = create_model(cfg).to(dev).eval()
+    task = model.tasks[0]
+    spacing = (1.5, 1.5, 3.0)
+    rng = np.random.default_rng(0)
+    vol = rng.normal(40, 30, (1, *shape_zyx)).astype(np.float32)
+    image = Image(vol, Geometry(tuple(shape_zyx), spacing, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    plan = {"channel_names": ["CT"], "labels": {"0": "background", "1": "spleen"}, "channels": None,
+            "target_spacing": [3.0, 1.5, 1.5], "crop_nonzero": True,
+            "normalization": [{"scheme": "ct", "clip": [-100.0, 200.0], "mean": 40.0, "std": 30.0}]}
+    predictor = Predictor(model, {"plans": {task: plan}, "patch_size": list(patch)}, dev)
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+
+    def plain() -> None:
+        x = torch.from_numpy(vol)[None].to(dev)
+        with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            sliding_window_inference(x, tuple(patch), sw_batch_size, lambda t: model(t, task), overlap=overlap,
+                                     mode="gaussian")
+
+    def ours() -> None:
+        predictor(image, task, overlap=overlap, sw_batch_size=sw_batch_size)
+
+    times = {}
+    for name, fn in (("monai", plain), ("med3d", ours)):
+        fn()  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times[name] = (time.perf_counter() - t0) / repeats
+    print(f"volume {list(shape_zyx)} (z, y, x), window {list(patch)}, overlap {overlap}, sw batch {sw_batch_size}, "
+          f"{cfg.model.encoder.arch} widths {cfg.model.encoder.widths}, {dev}")
+    print(f"plain monai sliding_window_inference: {times['monai']:.2f} s/case")
+    print(f"med3d predict (incl. pre/post-processing): {times['med3d']:.2f} s/case "
+          f"(ratio med3d/monai {times['med3d'] / times['monai']:.2f})")
+    return times

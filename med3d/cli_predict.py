@@ -1,0 +1,104 @@
+"""Subcommands predict and evaluate."""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Dict
+
+from .errors import Med3DError
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .data.image import image_suffix, read_channels, write_image
+    from .inference import Predictor, collect_inputs
+    from .preview import save_preview
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
+    task = predictor.task(args.task)
+    out = Path(args.out)
+    cases = collect_inputs(args.inputs)
+    if not cases:
+        raise Med3DError("no input scans found in " + ", ".join(args.inputs))
+    failed = 0
+    for case_id, files in tqdm(cases, desc="predict", unit="case", disable=args.quiet):
+        suffix = image_suffix(files[0]) if files[0].is_file() else ".nii.gz"
+        target = out / f"{case_id}{suffix or '.nii.gz'}"
+        try:
+            if target.exists() and not args.overwrite:
+                raise Med3DError(f"{target}: already exists; pass --overwrite to replace it")
+            image = read_channels(files)
+            pred = predictor(image, task, overlap=args.overlap, mirror=args.mirror, sw_batch_size=args.sw_batch,
+                             where=str(files[0]))
+            write_image(target, pred.labels, pred.geometry, overwrite=args.overwrite)
+            if args.probabilities:
+                write_image(out / f"{case_id}_probs.nii.gz", pred.probabilities.astype("float32"), pred.geometry,
+                            overwrite=args.overwrite)
+            if args.preview:
+                save_preview(image.array[0], pred.labels, out / f"{case_id}_preview.png", image.geometry.spacing_zyx,
+                             title=f"{case_id} ({task})")
+        except Med3DError as err:
+            failed += 1
+            tqdm.write(f"error: {err}")
+    print(f"{len(cases) - failed} of {len(cases)} case(s) predicted into {out}" + (f"; {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import FIELDS, dice_boxplot, evaluate_folders, summarize, write_csv
+
+    rows, problems = evaluate_folders(Path(args.pred), Path(args.ref), args.classes, args.tolerance,
+                                      progress=not args.quiet)
+    for line in problems:
+        print(f"error: {line}")
+    if not rows:
+        raise Med3DError(f"no prediction in {args.pred} could be evaluated against {args.ref}")
+    out = Path(args.out or args.pred)
+    write_csv(out / "metrics.csv", rows, FIELDS)
+    summary = summarize(rows)
+    write_csv(out / "summary.csv", summary)
+    if not args.no_plot:
+        dice_boxplot(rows, out / "dice_boxplot.png")
+
+    def f(v: float) -> str:
+        return "   nan" if not math.isfinite(v) else f"{v:6.3f}"
+
+    print(f"{'class':<24} {'cases':>5} {'Dice mean':>9} {'std':>6} {'median':>6} {'HD95 mm':>8} "
+          f"{'NSD@' + str(args.tolerance) + 'mm':>10}")
+    for s in summary:
+        print(f"{s['label']:<24} {s['cases']:>5} {f(s['dice_mean']):>9} {f(s['dice_std']):>6} "
+              f"{f(s['dice_median']):>6} {f(s['hd95_mm_mean']):>8} {f(s['nsd_mean']):>10}")
+    print(f"per-case metrics in {out / 'metrics.csv'}, summary in {out / 'summary.csv'}")
+    return 1 if problems else 0
+
+
+def add_parsers(sub) -> Dict[str, object]:
+    handlers: Dict[str, object] = {}
+    p = sub.add_parser("predict", help="segment new scans; label maps in the scans' own geometry")
+    p.add_argument("checkpoint", help="med3d checkpoint (from pretrain / finetune)")
+    p.add_argument("inputs", nargs="+", help="image files (NIfTI, NRRD, MHA), DICOM series folders, image "
+                   "folders or dataset folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--task", help="which head (needed when the checkpoint has several)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--mirror", action="store_true", help="test-time augmentation: average over mirrored copies")
+    p.add_argument("--sw-batch", type=int, default=2, help="windows per forward pass")
+    p.add_argument("--probabilities", action="store_true", help="also write softmax maps (CASE_probs.nii.gz)")
+    p.add_argument("--preview", action="store_true", help="also write a PNG preview per case")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--quiet", action="store_true")
+    handlers["predict"] = cmd_predict
+
+    p = sub.add_parser("evaluate", help="Dice / HD95 / surface Dice of predictions against references")
+    p.add_argument("pred", help="folder of predicted label maps")
+    p.add_argument("ref", help="folder of reference label maps, or a dataset folder (labelsTr, label names)")
+    p.add_argument("--classes", type=int, nargs="+", help="label values to evaluate (default: all present)")
+    p.add_argument("--tolerance", type=float, default=2.0, help="surface-Dice tolerance in mm (default 2)")
+    p.add_argument("--out", help="where metrics.csv, summary.csv and the box plot go (default: PRED)")
+    p.add_argument("--no-plot", action="store_true", help="skip the Dice box plot")
+    p.add_argument("--quiet", action="store_true")
+    handlers["evaluate"] = cmd_evaluate
+    return handlers

@@ -1,0 +1,209 @@
+"""``med3d prepare``: preprocess every case once into an on-disk cache.
+
+Layout, one folder per dataset::
+
+    CACHE/<dataset>/plan.json           the plan (fingerprint inside), its hash
+    CACHE/<dataset>/cases/<id>_data.npy float32 (C, Z, Y, X) on the plan grid
+    CACHE/<dataset>/cases/<id>_seg.npy  int8/int16 (1, Z, Y, X)
+    CACHE/<dataset>/cases/<id>_locs.npz per-class voxel coordinates, for foreground sampling
+    CACHE/<dataset>/cases/<id>.json     properties: original geometry, crop box, plan hash
+    CACHE/<dataset>/manifest.json       the finished cases
+
+Every file is written atomically and a case's ``.json`` is written last, so it marks a case
+complete: a run killed mid-case leaves at most a temp file, never a case that looks done.
+Re-running skips cases whose ``.json`` carries the current plan hash and source file stamps;
+a changed plan (of the fields that change the arrays) redoes only that dataset's cases.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..errors import Med3DError
+from ..io import write_atomic, write_json_atomic
+from .check import require_valid
+from .datalist import Case, DatasetInfo, read_dataset
+from .image import read_channels, read_image
+from .plan import case_fingerprint, dataset_fingerprint, find_descriptor, load_descriptor, make_plan, plan_hash
+from .preprocess import preprocess
+
+PathLike = Union[str, Path]
+MAX_LOCS_PER_CLASS = 10000
+
+
+def _stamp(paths: Sequence[Path]) -> List[List[Any]]:
+    """Size and mtime of the source files: a replaced file invalidates its cached case."""
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append([p.name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _case_sources(case: Case) -> List[Path]:
+    return [*case.images, *([case.label] if case.label else [])]
+
+
+def case_files(folder: Path, case_id: str) -> Dict[str, Path]:
+    base = folder / "cases"
+    return {"data": base / f"{case_id}_data.npy", "seg": base / f"{case_id}_seg.npy",
+            "locs": base / f"{case_id}_locs.npz", "props": base / f"{case_id}.json"}
+
+
+def is_done(folder: Path, case: Case, phash: str) -> bool:
+    """Whether ``case`` is cached completely under the plan with hash ``phash``."""
+    files = case_files(folder, case.case_id)
+    if not files["props"].is_file():
+        return False
+    try:
+        props = json.loads(files["props"].read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (props.get("plan_hash") == phash and props.get("sources") == _stamp(_case_sources(case))
+            and all(files[k].is_file() for k in ("data", "seg", "locs")))
+
+
+def class_locations(seg: np.ndarray, seed: int) -> Dict[str, np.ndarray]:
+    """Up to ``MAX_LOCS_PER_CLASS`` voxel coordinates (Z, Y, X) of every label present (excluding 0)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    flat = seg.reshape(-1)
+    for value in np.unique(flat):
+        if value <= 0:
+            continue
+        idx = np.flatnonzero(flat == value)
+        if idx.size > MAX_LOCS_PER_CLASS:
+            idx = np.sort(rng.choice(idx, MAX_LOCS_PER_CLASS, replace=False))
+        out[str(int(value))] = np.stack(np.unravel_index(idx, seg.shape), axis=1).astype(np.int32)
+    return out
+
+
+def prepare_case(case: Case, plan: Dict[str, Any], folder: Path, seed: int = 0) -> Dict[str, Any]:
+    """Preprocess one case into the cache; returns its properties."""
+    image = read_channels(case.images)
+    label = read_image(case.label, dtype=np.int16).array if case.label else None
+    data, seg, props = preprocess(image, label, plan)
+    files = case_files(folder, case.case_id)
+    write_atomic(files["data"], lambda tmp: np.save(tmp, data))
+    seg = seg if seg is not None else np.zeros((1, *data.shape[1:]), np.int16)
+    seg = seg.astype(np.int8 if seg.max() < 127 else np.int16)
+    write_atomic(files["seg"], lambda tmp: np.save(tmp, seg))
+    locs = class_locations(seg[0], seed)
+    write_atomic(files["locs"], lambda tmp: np.savez(tmp, **locs))
+    props.update(case_id=case.case_id, plan_hash=plan_hash(plan), sources=_stamp(_case_sources(case)),
+                 classes=sorted(int(k) for k in locs), shape=list(data.shape[1:]))
+    write_json_atomic(files["props"], props)  # last: marks the case complete
+    return props
+
+
+def _prepare_one(args) -> Tuple[str, Optional[str]]:
+    case, plan, folder, seed = args
+    try:
+        prepare_case(case, plan, folder, seed)
+        return case.case_id, None
+    except Med3DError as err:
+        return case.case_id, str(err)
+
+
+def _fingerprint_one(case: Case) -> Dict[str, Any]:
+    return case_fingerprint(case)
+
+
+@dataclass
+class PrepareResult:
+    folder: Path
+    plan: Dict[str, Any]
+    done: int
+    skipped: int
+    failed: List[str]
+
+
+def _map(fn, jobs: List[Any], workers: int, desc: str, progress: bool) -> List[Any]:
+    from tqdm import tqdm
+
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            it = pool.map(fn, jobs)
+            return list(tqdm(it, total=len(jobs), desc=desc, unit="case", disable=not progress, leave=False))
+    return [fn(j) for j in tqdm(jobs, desc=desc, unit="case", disable=not progress, leave=False)]
+
+
+def plan_dataset(info: DatasetInfo, folder: Path, workers: int = 0, progress: bool = False,
+                 descriptor: Optional[PathLike] = None, spacing: Optional[Sequence[float]] = None,
+                 normalization: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Fingerprint (reused when its sources are unchanged) and plan for one dataset."""
+    stamps = {c.case_id: _stamp(_case_sources(c)) for c in info.cases}
+    fp_path = folder / "fingerprint.json"
+    fp = None
+    if fp_path.is_file():
+        old = json.loads(fp_path.read_text())
+        if old.get("sources") == stamps:
+            fp = old
+    if fp is None:
+        per_case = _map(_fingerprint_one, info.cases, workers, f"fingerprint {info.name}", progress)
+        fp = dataset_fingerprint(info, per_case)
+        fp["sources"] = stamps
+        write_json_atomic(fp_path, fp)
+    desc_path = Path(descriptor) if descriptor else find_descriptor(info.name)
+    desc = load_descriptor(desc_path) if desc_path else None
+    plan = make_plan(info, fp, desc, spacing, normalization)
+    plan["descriptor"] = str(desc_path) if desc_path else None
+    plan["fingerprint"] = {k: v for k, v in fp.items() if k != "sources"}
+    return plan
+
+
+def prepare_dataset(root: PathLike, cache_dir: PathLike, workers: int = 0, progress: bool = True,
+                    descriptor: Optional[PathLike] = None, spacing: Optional[Sequence[float]] = None,
+                    normalization: Optional[Sequence[str]] = None, check: bool = True) -> PrepareResult:
+    """Check, plan and preprocess one dataset into ``cache_dir/<name>`` (resumable, idempotent)."""
+    info = read_dataset(root)
+    if check:
+        require_valid(info, workers)
+    folder = Path(cache_dir) / info.name
+    plan = plan_dataset(info, folder, workers, progress, descriptor, spacing, normalization)
+    phash = plan_hash(plan)
+    write_json_atomic(folder / "plan.json", {**plan, "plan_hash": phash})
+    todo = [c for c in info.cases if not is_done(folder, c, phash)]
+    results = _map(_prepare_one, [(c, plan, folder, i) for i, c in enumerate(todo)], workers,
+                   f"prepare {info.name}", progress)
+    failed = [f"{cid}: {err}" for cid, err in results if err]
+    done_ids = [c.case_id for c in info.cases if is_done(folder, c, phash)]
+    write_json_atomic(folder / "manifest.json", {"dataset": info.name, "root": str(Path(root).resolve()),
+                                                 "plan_hash": phash, "cases": done_ids,
+                                                 "num_channels": info.num_channels,
+                                                 "labels": plan["labels"]})
+    return PrepareResult(folder, plan, len(todo) - len(failed), len(info.cases) - len(todo), failed)
+
+
+@dataclass
+class CachedCase:
+    case_id: str
+    data: Path
+    seg: Path
+    locs: Path
+    props: Dict[str, Any]
+
+
+def load_cache(folder: PathLike) -> Tuple[Dict[str, Any], List[CachedCase]]:
+    """Plan and complete cases of one prepared dataset (cases not marked complete are not returned)."""
+    folder = Path(folder)
+    plan_path = folder / "plan.json"
+    if not plan_path.is_file():
+        raise Med3DError(f"{folder}: no prepared cache here; run 'med3d prepare' on the dataset first")
+    plan = json.loads(plan_path.read_text())
+    cases = []
+    for props_path in sorted((folder / "cases").glob("*.json")):
+        props = json.loads(props_path.read_text())
+        if props.get("plan_hash") != plan["plan_hash"]:
+            continue
+        files = case_files(folder, props["case_id"])
+        cases.append(CachedCase(props["case_id"], files["data"], files["seg"], files["locs"], props))
+    if not cases:
+        raise Med3DError(f"{folder}: the cache holds no complete case; run 'med3d prepare' again")
+    return plan, cases

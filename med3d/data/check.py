@@ -1,0 +1,111 @@
+"""``check-data``: validate every case of a dataset before any training touches it.
+
+Each problem is one line naming the file and what is wrong. Errors (unreadable or truncated
+files, mismatched grids, undeclared labels, non-finite intensities, wrong channel counts)
+stop training; warnings (implausible spacing) are printed but do not.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, List, Sequence
+
+import numpy as np
+
+from ..errors import Med3DError
+from .datalist import Case, DatasetInfo
+from .image import read_channels, read_image
+
+# Plausible voxel sizes in mm; outside this range the header is most likely wrong (units in m or um).
+SPACING_RANGE = (0.05, 20.0)
+
+
+@dataclass(frozen=True)
+class Problem:
+    severity: str  # "error" | "warning"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.message}"
+
+
+def check_case(case: Case, num_channels: int, labels: Sequence[int]) -> List[Problem]:
+    """All problems of one case (reads its files completely)."""
+    out: List[Problem] = []
+    try:
+        image = read_channels(case.images, dtype=None)
+    except Med3DError as err:
+        return [Problem("error", str(err))]
+    first = case.images[0]
+    if image.channels != num_channels:
+        out.append(Problem("error", f"{first}: {image.channels} channel(s), dataset.json declares {num_channels}"))
+    if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).all():
+        bad = int((~np.isfinite(image.array)).sum())
+        out.append(Problem("error", f"{first}: {bad} voxel(s) are NaN or infinite; repair or drop the case"))
+    spacing = image.geometry.spacing
+    if min(spacing) <= 0 or not np.isfinite(spacing).all():
+        out.append(Problem("error", f"{first}: invalid spacing {spacing}"))
+    elif min(spacing) < SPACING_RANGE[0] or max(spacing) > SPACING_RANGE[1]:
+        out.append(Problem("warning", f"{first}: spacing {tuple(round(s, 4) for s in spacing)} mm is outside "
+                                      f"{SPACING_RANGE[0]}-{SPACING_RANGE[1]} mm; check the header's units"))
+    if case.label is None:
+        return out
+    try:
+        label = read_image(case.label, dtype=None)
+    except Med3DError as err:
+        return out + [Problem("error", str(err))]
+    if label.channels != 1:
+        out.append(Problem("error", f"{case.label}: a label map must have one channel, found {label.channels}"))
+        return out
+    diff = image.geometry.matches(label.geometry)
+    if diff:
+        out.append(Problem("error", f"{case.label}: grid differs from image {first} ({diff}); resample the label "
+                                    "onto the image grid"))
+    arr = label.array
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
+            out.append(Problem("error", f"{case.label}: label values are not integers"))
+            return out
+    values = np.unique(arr).astype(np.int64)
+    extra = sorted(set(values.tolist()) - set(labels))
+    if extra:
+        out.append(Problem("error", f"{case.label}: label value(s) {extra} not declared in dataset.json "
+                                    f"(declared {sorted(labels)})"))
+    return out
+
+
+def _check_one(args) -> List[Problem]:
+    return check_case(*args)
+
+
+def check_dataset(info: DatasetInfo, workers: int = 0, progress: bool = False) -> List[Problem]:
+    """Problems of the whole dataset: reading ``dataset.json`` entries, then every case."""
+    problems = [Problem("error", msg) for msg in info.problems]
+    jobs = [(case, info.num_channels, list(info.labels)) for case in info.cases]
+    jobs += [(case, info.num_channels, list(info.labels)) for case in info.test_cases]
+    results: Iterable[List[Problem]]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(_progress(pool.map(_check_one, jobs), len(jobs), info.name, progress))
+    else:
+        results = _progress(map(_check_one, jobs), len(jobs), info.name, progress)
+    for found in results:
+        problems.extend(found)
+    return problems
+
+
+def _progress(it: Iterable, total: int, name: str, show: bool) -> Iterable:
+    if not show:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, desc=f"check {name}", unit="case", leave=False)
+
+
+def require_valid(info: DatasetInfo, workers: int = 0) -> None:
+    """Raise with every error line when the dataset fails ``check_dataset`` (training calls this)."""
+    errors = [p for p in check_dataset(info, workers) if p.severity == "error"]
+    if errors:
+        lines = "\n  ".join(p.message for p in errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise Med3DError(f"dataset {info.root} fails check-data with {len(errors)} error(s):\n  {lines}{more}")

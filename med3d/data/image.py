@@ -1,0 +1,227 @@
+"""Reading and writing 3D medical images with their geometry.
+
+One in-memory form for every file type: ``Image(array, geometry)`` with the array laid out
+``(C, Z, Y, X)`` (SimpleITK's order with a channel axis in front) and the geometry in ITK's
+LPS convention (spacing, origin and direction in x, y, z order). NIfTI goes through nibabel
+(4D files hold the channels, as in the Decathlon); NRRD, MHA/MHD and DICOM series folders go
+through SimpleITK. Any failure to read becomes one ``Med3DError`` line naming the file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..errors import Med3DError
+from ..io import atomic_path
+
+PathLike = Union[str, Path]
+NIFTI = (".nii", ".nii.gz")
+SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+# NIfTI stores RAS+ world coordinates, ITK LPS+: the first two world axes change sign.
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Voxel grid in world space (ITK convention: x, y, z order, LPS, millimetres)."""
+
+    shape: Tuple[int, int, int]  # array shape (Z, Y, X)
+    spacing: Tuple[float, float, float]  # (x, y, z)
+    origin: Tuple[float, float, float]
+    direction: Tuple[float, ...]  # 3x3 row-major, columns are the voxel axes
+
+    @property
+    def spacing_zyx(self) -> Tuple[float, float, float]:
+        return tuple(reversed(self.spacing))  # type: ignore[return-value]
+
+    def affine_lps(self) -> np.ndarray:
+        """4x4 voxel (x, y, z index) -> LPS world matrix."""
+        aff = np.eye(4)
+        aff[:3, :3] = np.asarray(self.direction).reshape(3, 3) * np.asarray(self.spacing)[None, :]
+        aff[:3, 3] = self.origin
+        return aff
+
+    def affine_ras(self) -> np.ndarray:
+        """4x4 voxel -> RAS world matrix, as nibabel and NIfTI write it."""
+        aff = self.affine_lps()
+        aff[:3] = _RAS_TO_LPS @ aff[:3]
+        return aff
+
+    def matches(self, other: "Geometry", atol_mm: float = 1e-3, rtol: float = 1e-4) -> str:
+        """Empty string when both grids agree within tolerance, else what differs."""
+        if self.shape != other.shape:
+            return f"shape {self.shape} vs {other.shape}"
+        if not np.allclose(self.spacing, other.spacing, rtol=rtol, atol=1e-6):
+            return f"spacing {_fmt(self.spacing)} vs {_fmt(other.spacing)}"
+        # Origins are compared relative to the voxel size: MSD labels often differ by float noise.
+        tol = max(atol_mm, 1e-3 * float(min(self.spacing)))
+        if not np.allclose(self.origin, other.origin, atol=tol):
+            return f"origin {_fmt(self.origin)} vs {_fmt(other.origin)}"
+        if not np.allclose(self.direction, other.direction, atol=1e-3):
+            return "direction (orientation) differs"
+        return ""
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+@dataclass
+class Image:
+    array: np.ndarray  # (C, Z, Y, X)
+    geometry: Geometry
+
+    @property
+    def channels(self) -> int:
+        return int(self.array.shape[0])
+
+
+def is_nifti(path: PathLike) -> bool:
+    return str(path).lower().endswith(NIFTI)
+
+
+def _geometry_from_ras(affine: np.ndarray, shape_xyz: Sequence[int]) -> Geometry:
+    lps = _RAS_TO_LPS @ np.asarray(affine, dtype=np.float64)[:3]
+    spacing = np.linalg.norm(lps[:, :3], axis=0)
+    direction = lps[:, :3] / np.where(spacing > 0, spacing, 1.0)[None, :]
+    return Geometry(shape=tuple(int(s) for s in reversed(shape_xyz[:3])),  # type: ignore[arg-type]
+                    spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+                    origin=tuple(float(o) for o in lps[:, 3]),  # type: ignore[arg-type]
+                    direction=tuple(float(d) for d in direction.reshape(-1)))
+
+
+def _read_nifti(path: Path, dtype: np.dtype | None) -> Image:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj) if dtype is None else np.asarray(img.dataobj, dtype=dtype)
+    if data.ndim == 3:
+        data = data[None]
+    elif data.ndim == 4:
+        data = np.moveaxis(data, 3, 0)
+    elif data.ndim == 5 and data.shape[3] == 1:  # (X, Y, Z, 1, C): vector images from ITK
+        data = np.moveaxis(data[:, :, :, 0], 3, 0)
+    else:
+        raise Med3DError(f"{path}: a {data.ndim}D image of shape {data.shape}; med3d needs 3D volumes "
+                         "(channels as a 4th axis)")
+    array = np.ascontiguousarray(np.transpose(data, (0, 3, 2, 1)))  # (C, X, Y, Z) -> (C, Z, Y, X)
+    return Image(array, _geometry_from_ras(img.affine, img.shape[:3]))
+
+
+def _sitk_geometry(img) -> Geometry:
+    size = img.GetSize()
+    return Geometry(shape=tuple(int(s) for s in reversed(size)), spacing=tuple(img.GetSpacing()),
+                    origin=tuple(img.GetOrigin()), direction=tuple(img.GetDirection()))
+
+
+def _read_sitk(path: Path, dtype: np.dtype | None) -> Image:
+    import SimpleITK as sitk
+
+    if path.is_dir():
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))
+        if not files:
+            raise Med3DError(f"{path}: folder holds no DICOM series; give an image file or a DICOM series folder")
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        img = reader.Execute()
+    else:
+        img = sitk.ReadImage(str(path))
+    if img.GetDimension() != 3:
+        raise Med3DError(f"{path}: a {img.GetDimension()}D image; med3d needs 3D volumes")
+    arr = sitk.GetArrayFromImage(img)  # (Z, Y, X) or (Z, Y, X, C) for vector images
+    arr = np.moveaxis(arr, 3, 0) if arr.ndim == 4 else arr[None]
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    return Image(np.ascontiguousarray(arr), _sitk_geometry(img))
+
+
+def read_image(path: PathLike, dtype: np.dtype | None = None) -> Image:
+    """Read one image file or DICOM series folder as ``Image`` (array ``(C, Z, Y, X)``)."""
+    path = Path(path)
+    if not path.exists():
+        raise Med3DError(f"{path}: file not found; check the path (and the dataset.json entry naming it)")
+    try:
+        image = _read_nifti(path, dtype) if is_nifti(path) else _read_sitk(path, dtype)
+    except Med3DError:
+        raise
+    except MemoryError:
+        raise Med3DError(f"{path}: too large to read into memory")
+    except Exception as err:  # nibabel/SimpleITK/zlib raise many types for damaged files
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise Med3DError(f"{path}: cannot be read ({reason}); the file is damaged or truncated, "
+                         "re-export or re-download it")
+    if min(image.array.shape[1:]) < 2:
+        raise Med3DError(f"{path}: a 2D image (shape {image.array.shape[1:]}); med3d needs 3D volumes")
+    return image
+
+
+def read_channels(paths: Sequence[PathLike], dtype: np.dtype | None = np.float32) -> Image:
+    """Read one file per channel (nnU-Net layout) or one multi-channel file; check they share a grid."""
+    images = [read_image(p, dtype) for p in paths]
+    first = images[0]
+    for path, img in zip(paths[1:], images[1:]):
+        diff = first.geometry.matches(img.geometry)
+        if diff:
+            raise Med3DError(f"{path}: channel grid differs from {paths[0]} ({diff}); resample the channels "
+                             "onto one grid")
+    array = first.array if len(images) == 1 else np.concatenate([i.array for i in images], axis=0)
+    return Image(array, first.geometry)
+
+
+def write_image(path: PathLike, array: np.ndarray, geometry: Geometry, overwrite: bool = True) -> Path:
+    """Write a ``(Z, Y, X)`` or ``(C, Z, Y, X)`` array on ``geometry`` atomically; format from the suffix."""
+    path = Path(path)
+    array = np.asarray(array)
+    if array.ndim == 3:
+        array = array[None]
+    if tuple(array.shape[1:]) != tuple(geometry.shape):
+        raise Med3DError(f"{path}: array shape {array.shape[1:]} does not match the grid {geometry.shape}")
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        if is_nifti(path):
+            import nibabel as nib
+
+            data = np.transpose(array, (3, 2, 1, 0))  # (C, Z, Y, X) -> (X, Y, Z, C)
+            data = data[..., 0] if data.shape[3] == 1 else data
+            img = nib.Nifti1Image(np.ascontiguousarray(data), geometry.affine_ras())
+            img.set_qform(geometry.affine_ras(), code=1)
+            img.set_sform(geometry.affine_ras(), code=1)
+            nib.save(img, str(tmp))
+        else:
+            import SimpleITK as sitk
+
+            vec = array.shape[0] > 1
+            img = sitk.GetImageFromArray(np.moveaxis(array, 0, 3) if vec else array[0], isVector=vec)
+            img.SetSpacing(geometry.spacing)
+            img.SetOrigin(geometry.origin)
+            img.SetDirection(geometry.direction)
+            sitk.WriteImage(img, str(tmp), useCompression=True)
+    return path
+
+
+def image_suffix(path: PathLike) -> str:
+    """The full image suffix (``.nii.gz`` counts as one)."""
+    name = Path(path).name.lower()
+    for suffix in (*NIFTI[::-1], *SITK_SUFFIXES):
+        if name.endswith(suffix):
+            return Path(path).name[-len(suffix):]
+    return Path(path).suffix
+
+
+def strip_suffix(path: PathLike) -> str:
+    name = Path(path).name
+    suffix = image_suffix(path)
+    return name[: -len(suffix)] if suffix else name
+
+
+def list_images(folder: PathLike) -> List[Path]:
+    """Image files (and DICOM series folders) directly inside ``folder``, sorted."""
+    out = []
+    for p in sorted(Path(folder).iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir() or image_suffix(p).lower() in (*NIFTI, *SITK_SUFFIXES):
+            out.append(p)
+    return out

@@ -1,0 +1,207 @@
+"""Dataset fingerprint and preprocessing plan.
+
+The fingerprint summarises what a dataset is (spacings, shapes after cropping, foreground
+intensity statistics, label frequencies). The plan decides how to preprocess it, following
+the field's defaults (nnU-Net's scheme):
+
+- target spacing: the median spacing; when the median grid is strongly anisotropic (largest
+  spacing more than 3x the smallest) the coarse axis gets the 10th percentile of its spacings
+  instead, so thick-slice outliers do not blur the rest;
+- CT channels: clip to the 0.5-99.5 percentiles of foreground intensities, then z-score with
+  the dataset's foreground mean and std; other channels (MR): z-score per case inside the
+  non-zero region;
+- crop every case to the bounding box of its non-zero voxels.
+
+A descriptor in ``datasets/`` (or the config) can override spacing and normalisation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import yaml
+
+from ..errors import Med3DError
+from .datalist import Case, DatasetInfo
+from .image import read_channels, read_image
+
+DESCRIPTOR_DIR = Path(__file__).resolve().parents[2] / "datasets"
+PREPROCESS_VERSION = 1  # bump when the preprocessing code changes what it writes
+ANISOTROPY_RATIO = 3.0
+FG_SAMPLES_PER_CASE = 10000
+NORM_SCHEMES = ("ct", "zscore", "none")
+DESCRIPTOR_KEYS = {"key", "title", "modality", "labels", "target_spacing", "normalization", "notes", "source"}
+
+
+# ---------------------------------------------------------------- cropping
+
+def nonzero_bbox(array: np.ndarray) -> List[Tuple[int, int]]:
+    """Bounding box ``[(lo, hi), ...]`` over (Z, Y, X) of voxels non-zero in any channel."""
+    mask = np.any(array != 0, axis=0)
+    if not mask.any():
+        return [(0, s) for s in mask.shape]
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.where(mask.any(axis=other))[0]
+        box.append((int(idx[0]), int(idx[-1]) + 1))
+    return box
+
+
+def crop(array: np.ndarray, box: Sequence[Tuple[int, int]]) -> np.ndarray:
+    return array[(slice(None),) + tuple(slice(lo, hi) for lo, hi in box)]
+
+
+# ---------------------------------------------------------------- fingerprint
+
+def _seed(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def case_fingerprint(case: Case) -> Dict[str, Any]:
+    """Spacing, cropped shape, foreground intensity samples and label counts of one case."""
+    image = read_channels(case.images)
+    label = read_image(case.label, dtype=np.int16).array if case.label else None
+    box = nonzero_bbox(image.array)
+    data = crop(image.array, box)
+    out: Dict[str, Any] = {"case_id": case.case_id, "spacing": list(image.geometry.spacing_zyx),
+                           "shape": list(image.array.shape[1:]), "cropped_shape": list(data.shape[1:])}
+    if label is not None:
+        seg = crop(label, box)[0]
+        fg = np.flatnonzero(seg > 0)
+        rng = np.random.default_rng(_seed(case.case_id))
+        pick = rng.choice(fg, min(FG_SAMPLES_PER_CASE, fg.size), replace=False) if fg.size else fg
+        out["fg_samples"] = [data[c].reshape(-1)[pick].astype(float).tolist() for c in range(data.shape[0])]
+        values, counts = np.unique(seg, return_counts=True)
+        out["label_voxels"] = {int(v): int(n) for v, n in zip(values, counts)}
+    return out
+
+
+def dataset_fingerprint(info: DatasetInfo, per_case: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Aggregate per-case fingerprints into the dataset's fingerprint."""
+    spacings = np.array([c["spacing"] for c in per_case], dtype=float)
+    shapes = np.array([c["cropped_shape"] for c in per_case], dtype=float)
+    median = np.median(spacings, axis=0)
+    intensity = []
+    for ch in range(info.num_channels):
+        vals = np.concatenate([np.asarray(c.get("fg_samples", [[]] * info.num_channels)[ch], float)
+                               for c in per_case]) if per_case else np.zeros(0)
+        if vals.size == 0:
+            intensity.append(None)
+            continue
+        intensity.append({"mean": float(vals.mean()), "std": float(vals.std()), "median": float(np.median(vals)),
+                          "p00_5": float(np.percentile(vals, 0.5)), "p99_5": float(np.percentile(vals, 99.5)),
+                          "min": float(vals.min()), "max": float(vals.max())})
+    labels = {}
+    for value, name in info.labels.items():
+        if value == 0:
+            continue
+        present = [c for c in per_case if c.get("label_voxels", {}).get(value, 0) > 0]
+        share = [c["label_voxels"].get(value, 0) / max(1, sum(c["label_voxels"].values())) for c in per_case
+                 if "label_voxels" in c]
+        labels[name] = {"value": value, "cases_with": len(present),
+                        "mean_voxel_share": float(np.mean(share)) if share else 0.0}
+    return {"dataset": info.name, "num_cases": len(per_case), "channel_names": info.channel_names,
+            "spacing": {"median": median.tolist(), "p10": np.percentile(spacings, 10, axis=0).tolist(),
+                        "min": spacings.min(0).tolist(), "max": spacings.max(0).tolist(),
+                        "anisotropy": float(median.max() / median.min())},
+            "cropped_shape": {"median": np.median(shapes, axis=0).tolist(), "min": shapes.min(0).tolist(),
+                              "max": shapes.max(0).tolist()},
+            "intensity": intensity, "labels": labels}
+
+
+# ---------------------------------------------------------------- descriptors
+
+def _descriptor_key(name: str) -> str:
+    return re.sub(r"^(Task\d+|Dataset\d+)_", "", name)
+
+
+def load_descriptor(path: Path) -> Dict[str, Any]:
+    """Read and check a dataset descriptor YAML (unknown keys are refused)."""
+    if not path.is_file():
+        raise Med3DError(f"{path}: dataset descriptor not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(data) - DESCRIPTOR_KEYS)
+    if unknown:
+        raise Med3DError(f"{path}: unknown descriptor key '{unknown[0]}'; valid keys: {', '.join(sorted(DESCRIPTOR_KEYS))}")
+    for scheme in data.get("normalization") or []:
+        if scheme not in NORM_SCHEMES:
+            raise Med3DError(f"{path}: normalization '{scheme}' unknown; choose from {', '.join(NORM_SCHEMES)}")
+    return data
+
+
+def find_descriptor(dataset_name: str, folder: Path = DESCRIPTOR_DIR) -> Optional[Path]:
+    """The shipped descriptor for a dataset folder name (``Task09_Spleen`` and ``Dataset009_Spleen`` -> Spleen)."""
+    key = _descriptor_key(dataset_name)
+    for path in sorted(folder.glob("**/*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        if data.get("key") == key:
+            return path
+    return None
+
+
+# ---------------------------------------------------------------- plan
+
+def default_scheme(channel_name: str) -> str:
+    return "ct" if re.search(r"\bct\b", channel_name, re.IGNORECASE) else "zscore"
+
+
+def target_spacing(fp: Dict[str, Any]) -> Tuple[List[float], Optional[int]]:
+    """Median spacing, with the coarse axis at its 10th percentile when the grid is strongly anisotropic."""
+    median = list(fp["spacing"]["median"])
+    axis = int(np.argmax(median))
+    if max(median) / min(median) > ANISOTROPY_RATIO:
+        median[axis] = float(max(fp["spacing"]["p10"][axis], min(median)))
+        return median, axis
+    return median, None
+
+
+def make_plan(info: DatasetInfo, fp: Dict[str, Any], descriptor: Optional[Dict[str, Any]] = None,
+              spacing: Optional[Sequence[float]] = None,
+              normalization: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The preprocessing plan: fingerprint defaults, then the descriptor, then explicit overrides."""
+    descriptor = descriptor or {}
+    spacing_zyx, aniso_axis = target_spacing(fp)
+    explicit = spacing or descriptor.get("target_spacing")
+    if explicit is not None:
+        if len(explicit) != 3 or min(explicit) <= 0:
+            raise Med3DError(f"dataset {info.name}: target spacing must be three positive numbers (z, y, x), "
+                             f"got {explicit}")
+        spacing_zyx = [float(s) for s in explicit]
+        aniso_axis = int(np.argmax(spacing_zyx)) if max(spacing_zyx) / min(spacing_zyx) > ANISOTROPY_RATIO else None
+    schemes = list(normalization or descriptor.get("normalization") or
+                   [default_scheme(n) for n in info.channel_names])
+    if len(schemes) != info.num_channels:
+        raise Med3DError(f"dataset {info.name}: {len(schemes)} normalization scheme(s) for "
+                         f"{info.num_channels} channel(s)")
+    norm = []
+    for ch, scheme in enumerate(schemes):
+        if scheme not in NORM_SCHEMES:
+            raise Med3DError(f"dataset {info.name}: normalization '{scheme}' unknown; choose from "
+                             f"{', '.join(NORM_SCHEMES)}")
+        entry: Dict[str, Any] = {"scheme": scheme}
+        if scheme == "ct":
+            stats = fp["intensity"][ch]
+            if stats is None:
+                raise Med3DError(f"dataset {info.name}: CT normalisation needs foreground voxels; no label "
+                                 "has any")
+            entry.update(clip=[stats["p00_5"], stats["p99_5"]], mean=stats["mean"], std=max(stats["std"], 1e-6))
+        norm.append(entry)
+    ratio = np.asarray(fp["spacing"]["median"]) / np.asarray(spacing_zyx)
+    resampled = np.round(np.asarray(fp["cropped_shape"]["median"]) * ratio).astype(int)
+    return {"dataset": info.name, "layout": info.layout, "channel_names": info.channel_names,
+            "labels": {str(k): v for k, v in info.labels.items()}, "target_spacing": spacing_zyx,
+            "anisotropic_axis": aniso_axis, "crop_nonzero": True, "normalization": norm,
+            "median_shape_resampled": resampled.tolist(), "preprocess_version": PREPROCESS_VERSION}
+
+
+def plan_hash(plan: Dict[str, Any]) -> str:
+    """Hash of the plan fields that change the preprocessed arrays (not notes or statistics shown only)."""
+    keys = ("target_spacing", "anisotropic_axis", "crop_nonzero", "normalization", "channel_names",
+            "preprocess_version")
+    blob = json.dumps({k: plan.get(k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Training engine: one loop for pretraining and fine-tuning (see ``trainer.train``)."""

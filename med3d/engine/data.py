@@ -1,0 +1,111 @@
+"""From the config's ``data`` section to training tasks, validation cases and plans.
+
+Every dataset is checked, planned and prepared (rank 0; the others wait and read the cache),
+then split into training and held-out validation cases with a seeded shuffle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from ..config import Config
+from ..data.cache import CachedCase, load_cache, prepare_dataset
+from ..data.sampler import TaskData
+from ..errors import Med3DError
+from .distributed import DistInfo, barrier
+
+
+@dataclass
+class DataSetup:
+    tasks: List[TaskData]
+    val: Dict[str, List[CachedCase]]
+    plans: Dict[str, Dict[str, Any]]
+    channels: Dict[str, Optional[List[int]]]  # channel selection per task (None: all)
+    adapters: Dict[str, int]  # tasks that need an input adapter -> their channel count
+
+
+def check_tasks(cfg: Config) -> None:
+    """Fail before any work when datasets and heads do not correspond or a dataset folder is missing."""
+    datasets, heads = cfg.data.datasets, cfg.model.heads
+    if not datasets:
+        raise Med3DError("config key 'data.datasets' is empty; name at least one dataset (task name: {path: ...})")
+    for task, entry in datasets.items():
+        if task not in heads:
+            raise Med3DError(f"data.datasets.{task}: no head for this task in model.heads "
+                             f"(heads: {', '.join(heads) or 'none'}); add one or rename the dataset entry")
+        if not Path(entry.path).is_dir():
+            raise Med3DError(f"data.datasets.{task}.path: dataset folder {entry.path} not found")
+        if entry.descriptor and not Path(entry.descriptor).is_file():
+            raise Med3DError(f"data.datasets.{task}.descriptor: {entry.descriptor} not found")
+    for task in heads:
+        if task not in datasets:
+            raise Med3DError(f"model.heads.{task}: no dataset for this head in data.datasets; add one or drop the head")
+
+
+def _channels(cfg: Config, task: str, n: int) -> Optional[List[int]]:
+    entry, want = cfg.data.datasets[task], cfg.model.encoder.in_channels
+    if entry.channel is not None:
+        chosen = [entry.channel] if isinstance(entry.channel, int) else list(entry.channel)
+        bad = [c for c in chosen if not 0 <= c < n]
+        if bad:
+            raise Med3DError(f"data.datasets.{task}.channel: channel {bad[0]} does not exist ({n} channels)")
+        return chosen
+    if n == want or cfg.data.input_policy == "adapter":
+        return None
+    if want == 1:
+        if not 0 <= cfg.data.select_channel < n:
+            raise Med3DError(f"data.select_channel {cfg.data.select_channel}: task {task} has {n} channels")
+        return [cfg.data.select_channel]
+    raise Med3DError(f"task {task} has {n} channels but the encoder takes {want}; set data.datasets.{task}.channel, "
+                     "or data.input_policy: adapter")
+
+
+def _split(cases: List[CachedCase], cfg: Config, task: str):
+    order = np.random.default_rng([cfg.run.seed, 11]).permutation(len(cases))
+    shuffled = [cases[i] for i in order]
+    n_val = int(round(cfg.data.val_fraction * len(cases)))
+    if cfg.data.val_fraction > 0 and len(cases) >= 2:
+        n_val = max(1, n_val)
+    n_val = min(n_val, len(cases) - 1)
+    train, val = shuffled[n_val:], shuffled[:n_val]
+    limit = cfg.data.train_cases
+    if limit is not None:
+        k = int(limit) if isinstance(limit, int) else int(round(limit * len(train)))
+        if k < 1:
+            raise Med3DError(f"data.train_cases {limit} leaves no training case for task {task}")
+        train = train[:k]
+    return train, val
+
+
+def setup_data(cfg: Config, info: DistInfo, progress: bool = True) -> DataSetup:
+    """Prepare every dataset (rank 0), then build tasks and the validation split on every rank."""
+    check_tasks(cfg)
+    cache = Path(cfg.data.cache_dir)
+    if info.is_main:
+        for task, entry in cfg.data.datasets.items():
+            result = prepare_dataset(entry.path, cache, workers=cfg.data.workers, progress=progress,
+                                     descriptor=entry.descriptor, spacing=entry.spacing,
+                                     normalization=entry.normalization, check=cfg.data.check)
+            if result.failed:
+                raise Med3DError(f"dataset {entry.path}: {len(result.failed)} case(s) failed to prepare; first: "
+                                 f"{result.failed[0]}")
+    barrier(info)
+    tasks, val, plans, channels, adapters = [], {}, {}, {}, {}
+    for task, entry in cfg.data.datasets.items():
+        plan, cases = load_cache(cache / Path(entry.path).resolve().name)
+        n_labels = len(plan["labels"])
+        if cfg.model.heads[task].num_classes != n_labels:
+            raise Med3DError(f"model.heads.{task}.num_classes is {cfg.model.heads[task].num_classes} but dataset "
+                             f"{entry.path} declares {n_labels} labels (with background)")
+        n_ch = len(plan["channel_names"])
+        channels[task] = _channels(cfg, task, n_ch)
+        if channels[task] is None and n_ch != cfg.model.encoder.in_channels:
+            adapters[task] = n_ch
+        train, held = _split(cases, cfg, task)
+        plans[task] = {**plan, "channels": channels[task]}
+        tasks.append(TaskData(task, train, plan, channels[task], entry.loss_weight))
+        val[task] = held
+    return DataSetup(tasks, val, plans, channels, adapters)

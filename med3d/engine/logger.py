@@ -1,0 +1,81 @@
+"""Run logging on rank 0: a JSONL metrics file, TensorBoard events, and PNG curves at the end."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+
+class RunLogger:
+    """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, out_dir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:  # tensorboard is a core dependency; tolerate a slimmed install
+                self.tb = None
+
+    def log(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record.get("iteration", 0)
+            for key, value in _flatten(record).items():
+                if key != "iteration" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:
+    """Loss and validation-Dice curves as a PNG (None when matplotlib, an optional extra, is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from ..io import write_atomic
+
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if r.get("kind") == "train"]
+    val = [r for r in rows if r.get("kind") == "val"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    if train:
+        axes[0].plot([r["iteration"] for r in train], [r["loss"] for r in train], lw=1)
+    axes[0].set(title="training loss", xlabel="iteration")
+    if val:
+        axes[1].plot([r["iteration"] for r in val], [r["mean_dice"] for r in val], "o-")
+    axes[1].set(title="validation mean Dice", xlabel="iteration", ylim=(0, 1))
+    fig.tight_layout()
+    write_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=90))
+    plt.close(fig)
+    return out_png
