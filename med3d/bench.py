@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ def monai_baseline_loader(dataset_root: Path, plan: Dict[str, Any], patch_zyx: S
         T.LoadImaged(["image", "label"]), T.EnsureChannelFirstd(["image", "label"]),
         T.Spacingd(["image", "label"], pixdim=tuple(reversed(plan["target_spacing"])), mode=("bilinear", "nearest")),
         scale,
+        T.SpatialPadd(["image", "label"], spatial_size=tuple(reversed(patch_zyx))),  # as med3d pads small volumes
         T.RandCropByPosNegLabeld(["image", "label"], "label", spatial_size=tuple(reversed(patch_zyx)), pos=1, neg=2,
                                  num_samples=1),
     ])
@@ -60,12 +62,20 @@ def loader_bench(dataset_root: Optional[Path] = None, workers: Sequence[int] = (
     """Print and return patches/s of med3d's cache loader and the MONAI baseline for each worker count."""
     from monai.utils import set_determinism
 
+    set_determinism(0)
+    tmp = Path(tempfile.mkdtemp(prefix="med3d-bench-"))
+    try:
+        return _loader_bench(tmp, dataset_root, workers, n, patch)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _loader_bench(tmp: Path, dataset_root: Optional[Path], workers: Sequence[int], n: int,
+                  patch: Sequence[int]) -> List[Dict[str, Any]]:
     from .data.cache import load_cache, prepare_dataset
     from .data.demo import write_demo_data
     from .data.sampler import MixSchedule, PatchBatches, TaskData, make_loader
 
-    set_determinism(0)
-    tmp = Path(tempfile.mkdtemp(prefix="med3d-bench-"))
     if dataset_root is None:
         write_demo_data(tmp / "raw", n_train=8, n_test=0, tasks=["Task09_SpleenDemo"], show_progress=False)
         dataset_root = tmp / "raw" / "Task09_SpleenDemo"

@@ -28,8 +28,8 @@ def _onehot(arr: np.ndarray, classes: Sequence[int]) -> torch.Tensor:
 
 
 def pair_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float], classes: Sequence[int],
-                 tolerance_mm: float = 2.0) -> List[Dict[str, float]]:
-    """Per-class metrics of two ``(Z, Y, X)`` label maps on the same grid."""
+                 tolerance_mm: float = 2.0, distances: bool = True) -> List[Dict[str, float]]:
+    """Per-class metrics of two ``(Z, Y, X)`` label maps on the same grid (``distances=False``: Dice and volumes only)."""
     from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
     p, r = _onehot(pred, classes), _onehot(ref, classes)
@@ -37,15 +37,17 @@ def pair_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float]
     with warnings.catch_warnings():  # MONAI warns on empty classes; those get NaN below
         warnings.simplefilter("ignore")
         dice = compute_dice(p, r, include_background=True, ignore_empty=True)[0]
-        hd = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=list(spacing_zyx))[0]
+        nan = torch.full((len(classes),), float("nan"))
+        hd = compute_hausdorff_distance(p, r, include_background=True, percentile=95,
+                                        spacing=list(spacing_zyx))[0] if distances else nan
         nsd = compute_surface_dice(p, r, class_thresholds=[tolerance_mm] * len(classes), include_background=True,
-                                   spacing=list(spacing_zyx))[0]
+                                   spacing=list(spacing_zyx))[0] if distances else nan
     rows = []
     for i, c in enumerate(classes):
         in_p, in_r = bool(p[0, i].any()), bool(r[0, i].any())
         d = float(dice[i]) if in_r else (0.0 if in_p else float("nan"))
         h = float(hd[i]) if in_p and in_r and math.isfinite(float(hd[i])) else float("nan")
-        s = float(nsd[i]) if in_p and in_r else (0.0 if in_p or in_r else float("nan"))
+        s = float(nsd[i]) if in_p and in_r or not distances else (0.0 if in_p or in_r else float("nan"))
         rows.append({"class": int(c), "dice": d, "hd95_mm": h, "nsd": s,
                      "volume_pred_ml": float(p[0, i].sum()) * voxel_ml, "volume_ref_ml": float(r[0, i].sum()) * voxel_ml})
     return rows

@@ -49,3 +49,14 @@ def test_parser_lists_all_commands():
     text = build_parser().format_help()
     for c in COMMANDS:
         assert c in text
+
+
+def test_benchmarks_run_and_report_ratios(capsys):
+    from med3d.bench import infer_bench, loader_bench
+
+    rows = loader_bench(workers=[0], n=3)
+    assert rows[0]["med3d"] > 0 and rows[0]["ratio"] == rows[0]["med3d"] / rows[0]["monai"]
+    times = infer_bench(shape_zyx=(24, 64, 64), patch=(16, 32, 32))
+    assert set(times) == {"monai", "med3d"}
+    out = capsys.readouterr().out
+    assert "ratio" in out and "MONAI decode" in out

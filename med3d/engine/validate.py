@@ -5,13 +5,13 @@ from MONAI's metrics. Cases are spread over DDP ranks and the results gathered.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
 
 from ..data.cache import CachedCase
+from ..evaluate import pair_metrics
 from .distributed import DistInfo, gather_objects
 
 
@@ -26,26 +26,6 @@ def sliding_window(model: torch.nn.Module, image: torch.Tensor, task: str, patch
 
     return sliding_window_inference(image, roi_size=tuple(patch), sw_batch_size=sw_batch_size, predictor=run,
                                     overlap=overlap, mode="gaussian", padding_mode="constant")
-
-
-def case_metrics(pred: np.ndarray, ref: np.ndarray, num_classes: int, spacing: Sequence[float],
-                 hd95: bool = True) -> Dict[str, List[float]]:
-    """Per-class (1..K-1) Dice and HD95 of label maps ``(Z, Y, X)``; NaN where a class is absent from both."""
-    from monai.metrics import compute_hausdorff_distance, compute_dice
-
-    p = torch.nn.functional.one_hot(torch.as_tensor(pred).long(), num_classes).permute(3, 0, 1, 2)[None]
-    r = torch.nn.functional.one_hot(torch.as_tensor(ref).long(), num_classes).permute(3, 0, 1, 2)[None]
-    dice = compute_dice(p, r, include_background=False, ignore_empty=True)[0].tolist()
-    out = {"dice": dice}
-    if hd95:
-        import warnings
-
-        with warnings.catch_warnings():  # MONAI warns for classes empty in one of the maps; they give NaN/inf
-            warnings.simplefilter("ignore")
-            hd = compute_hausdorff_distance(p.float(), r.float(), include_background=False, percentile=95,
-                                            spacing=list(spacing))[0].tolist()
-        out["hd95"] = [v if math.isfinite(v) else float("nan") for v in hd]
-    return out
 
 
 @torch.no_grad()
@@ -67,9 +47,12 @@ def validate(model: torch.nn.Module, val: Dict[str, List[CachedCase]], plans: Di
         x = torch.from_numpy(np.ascontiguousarray(data))[None].to(info.device)
         logits = sliding_window(model, x, task, patch, cfg_val.overlap, cfg_val.sw_batch_size, amp_dtype)
         pred = logits.argmax(1)[0].cpu().numpy()
-        k = len(plans[task]["labels"])
-        mine.append((task, case_metrics(pred, seg, max(k, int(seg.max()) + 1), plans[task]["target_spacing"],
-                                        cfg_val.hd95)))
+        classes = sorted(int(v) for v in plans[task]["labels"] if int(v) > 0)
+        rows = pair_metrics(pred, seg, plans[task]["target_spacing"], classes, distances=cfg_val.hd95)
+        metrics = {"dice": [r["dice"] for r in rows]}
+        if cfg_val.hd95:
+            metrics["hd95"] = [r["hd95_mm"] for r in rows]
+        mine.append((task, metrics))
     results = [r for part in gather_objects(info, mine) for r in part]
     model.train(was_training)
     summary: Dict[str, Any] = {"tasks": {}}
