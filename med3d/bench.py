@@ -17,6 +17,19 @@ import numpy as np
 import torch
 
 
+def _seconds_per_call(fn, repeats: int, dev: torch.device) -> float:
+    """Mean wall time of ``fn()`` after one warm-up call (CUDA synchronised around the timed calls)."""
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
 def _rate(loader, n: int) -> float:
     it = iter(loader)
     next(it)  # worker start-up and first decode are not throughput
@@ -123,15 +136,7 @@ def train_bench(iterations: int = 10, batch: int = 2, patch: Sequence[int] = (32
             loss_fn(out, y).backward()
             opt.step()
 
-        step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iterations):
-            step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        rate = iterations / (time.perf_counter() - t0)
+        rate = 1.0 / _seconds_per_call(step, iterations, dev)
         rows.append({"precision": name, "it_per_s": rate, "samples_per_s": rate * batch})
         print(f"{name:>9} {rate:>8.2f} {rate * batch:>10.1f}")
     print(f"bf16 / float32: {rows[1]['it_per_s'] / rows[0]['it_per_s']:.2f}x")
@@ -178,17 +183,7 @@ def infer_bench(shape_zyx: Sequence[int] = (128, 256, 256), patch: Sequence[int]
     def ours() -> None:
         predictor(image, task, overlap=overlap, sw_batch_size=sw_batch_size)
 
-    times = {}
-    for name, fn in (("monai", plain), ("med3d", ours)):
-        fn()  # warm-up
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times[name] = (time.perf_counter() - t0) / repeats
+    times = {name: _seconds_per_call(fn, repeats, dev) for name, fn in (("monai", plain), ("med3d", ours))}
     print(f"volume {list(shape_zyx)} (z, y, x), window {list(patch)}, overlap {overlap}, sw batch {sw_batch_size}, "
           f"{cfg.model.encoder.arch} widths {cfg.model.encoder.widths}, {dev}")
     print(f"plain monai sliding_window_inference: {times['monai']:.2f} s/case")

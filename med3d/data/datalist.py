@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..errors import Med3DError
 from .image import list_images, strip_suffix
@@ -87,13 +87,21 @@ def _int_labels(raw: Dict[str, Any], path: Path, name_to_value: bool) -> Dict[in
     return dict(sorted(labels.items()))
 
 
+def _require_keys(meta: Dict[str, Any], keys: Sequence[str], path: Path, layout: str) -> None:
+    for key in keys:
+        if key not in meta:
+            raise Med3DError(f"{path}: missing key '{key}' for the {layout} layout")
+
+
+def _by_index(mapping: Dict[str, Any]) -> List[str]:
+    """Values of a ``{"0": ..., "1": ...}`` mapping in index order (channel names)."""
+    return [str(mapping[k]) for k in sorted(mapping, key=int)]
+
+
 def _read_msd(root: Path, meta: Dict[str, Any]) -> DatasetInfo:
     path = root / "dataset.json"
-    for key in ("modality", "labels", "training"):
-        if key not in meta:
-            raise Med3DError(f"{path}: missing key '{key}' for the Decathlon layout")
-    modality = meta["modality"]
-    channels = [str(modality[k]) for k in sorted(modality, key=int)]
+    _require_keys(meta, ("modality", "labels", "training"), path, "Decathlon")
+    channels = _by_index(meta["modality"])
     problems: List[str] = []
     cases = []
     for i, entry in enumerate(meta["training"]):
@@ -144,11 +152,8 @@ def _nnunet_cases(root: Path, folder: str, ending: str, n_ch: int, labels: bool,
 
 def _read_nnunet(root: Path, meta: Dict[str, Any]) -> DatasetInfo:
     path = root / "dataset.json"
-    for key in ("channel_names", "labels", "file_ending"):
-        if key not in meta:
-            raise Med3DError(f"{path}: missing key '{key}' for the nnU-Net v2 layout")
-    names = meta["channel_names"]
-    channels = [str(names[k]) for k in sorted(names, key=int)]
+    _require_keys(meta, ("channel_names", "labels", "file_ending"), path, "nnU-Net v2")
+    channels = _by_index(meta["channel_names"])
     ending = str(meta["file_ending"])
     problems: List[str] = []
     if "dataset" in meta:  # explicit file lists (nnU-Net's dataset.json 'dataset' key)

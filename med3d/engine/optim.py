@@ -53,12 +53,19 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_s
         opt, lambda s: lr_factor(s, t.iterations, t.schedule, t.warmup_iterations))
 
 
-def stage_modules(model: MultiTaskModel, names: Iterable[str]) -> List[nn.Module]:
-    enc = model.encoder
-    out: List[nn.Module] = []
+def check_stages(names: Iterable[str]) -> None:
+    """Raise naming the first entry of ``finetune.freeze`` that is not an encoder stage."""
     for name in names:
         if name not in STAGES:
             raise Med3DError(f"finetune.freeze: unknown stage '{name}'; choose from {', '.join(STAGES)}")
+
+
+def stage_modules(model: MultiTaskModel, names: Iterable[str]) -> List[nn.Module]:
+    names = list(names)
+    check_stages(names)
+    enc = model.encoder
+    out: List[nn.Module] = []
+    for name in names:
         out += [enc.conv1, enc.bn1] if name == "stem" else [getattr(enc, name)]
     return out
 

@@ -31,7 +31,7 @@ from .data import check_tasks, setup_data
 from .distributed import DistInfo, cleanup, init_distributed, mean_across
 from .logger import RunLogger, plot_curves
 from .losses import SegLoss
-from .optim import build_optimizer, build_scheduler, keep_frozen_bn_eval, set_frozen, stage_modules
+from .optim import build_optimizer, build_scheduler, check_stages, keep_frozen_bn_eval, set_frozen
 from .state import load_training, prune, save_training, set_rng_state
 from .validate import validate
 
@@ -52,7 +52,7 @@ def preflight(cfg: Config, job: str) -> None:
     if job == "finetune" and cfg.finetune.weights and not Path(cfg.finetune.weights).is_file():
         raise Med3DError(f"finetune.weights: {cfg.finetune.weights} not found; point it at an encoder export, "
                          "a med3d checkpoint or MedicalNet/MONAI/torchvision weights")
-    stage_modules(create_model(cfg), cfg.finetune.freeze)  # unknown stage names fail here
+    check_stages(cfg.finetune.freeze)
 
 
 def init_from_weights(model: MultiTaskModel, cfg: Config) -> str:

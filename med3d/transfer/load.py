@@ -4,9 +4,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
-import torch
 import torch.nn as nn
 
 from ..errors import Med3DError
