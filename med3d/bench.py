@@ -112,11 +112,12 @@ def train_bench(iterations: int = 10, batch: int = 2, patch: Sequence[int] = (32
                 device: Optional[str] = None) -> List[Dict[str, Any]]:
     """Training iterations/s of the demo encoder + one Med3D head: float32 against bf16 autocast."""
     from .api import create_model
-    from .config import CONFIG_DIR, load_config
-    from .engine.losses import SegLoss
+    from .config import load_config
+    from .resources import resource_path
+    from .tasks.segmentation import SegLoss
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = load_config(CONFIG_DIR / "demo" / "pretrain.yaml")
+    cfg = load_config(resource_path("configs/demo/pretrain.yaml"))
     rows = []
     print(f"{'precision':>9} {'it/s':>8} {'samples/s':>10}   ({cfg.model.encoder.arch} widths "
           f"{cfg.model.encoder.widths}, batch {batch}, patch {list(patch)}, {dev})")
@@ -155,12 +156,13 @@ def infer_bench(shape_zyx: Sequence[int] = (128, 256, 256), patch: Sequence[int]
     from monai.inferers import sliding_window_inference
 
     from .api import create_model
-    from .config import CONFIG_DIR, load_config
+    from .config import load_config
     from .data.image import Geometry, Image
     from .inference import Predictor
+    from .resources import resource_path
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = load_config(CONFIG_DIR / "demo" / "finetune.yaml")
+    cfg = load_config(resource_path("configs/demo/finetune.yaml"))
     torch.manual_seed(0)
     model = create_model(cfg).to(dev).eval()
     task = model.tasks[0]

@@ -6,51 +6,158 @@ is saved beside each run's outputs.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
 
 from .errors import Med3DError
 from .io import write_yaml_atomic
+from .registry import ENCODERS, HEADS, REQUIRED, Registry
+from .resources import resource_root
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped configs (a wheel's packaged copy, or configs/ in a checkout); code that loads one
+# uses med3d.resources.resource_path, which says so when the install lacks it.
+CONFIG_DIR = resource_root() / "configs"
 
 
-Arch = Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200"]
+# ---------------------------------------------------------------- model: derived from the registered builders
+# model.encoder and model.heads.<task> hold a registered component's name (``arch`` / ``type``) and its
+# builder's declared arguments (med3d.registry reads them from the signature), so a newly registered
+# encoder or head is usable from YAML without editing this file.
 
 
 @dataclass
 class EncoderConfig:
-    arch: Arch = "resnet18"
-    in_channels: int = 1
-    layout: Literal["dilated", "strided"] = "dilated"
-    kernel: Literal["3x3x3", "1x3x3"] = "3x3x3"
-    shortcut: Optional[Literal["A", "B"]] = None  # None: MedicalNet's choice for the depth
-    stem_kernel: Union[int, List[int]] = 7
-    stem_stride: Union[int, List[int]] = 2
-    downsample_bias: bool = False
-    widths: List[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    """``model.encoder``: ``arch`` names a registered encoder; the other keys are its builder's arguments."""
+
+    arch: str = "resnet18"
+    in_channels: int = 1  # every encoder declares it; the data checks read it
+
+    @classmethod
+    def _schema_variant(cls, data: Dict[str, Any], prefix: str) -> Tuple[type, Dict[str, Any]]:
+        return _component_variant(cls, data, prefix)
 
 
 @dataclass
 class HeadConfig:
-    type: Literal["med3d", "unet", "classification"] = "med3d"
+    """``model.heads.<task>``: ``type`` names a registered head; the other keys are its builder's arguments."""
+
+    type: str = "med3d"
     num_classes: int = 2
-    channels: Optional[int] = None  # hidden width of med3d / unet heads
-    dropout: Optional[float] = None  # classification head only
+
+    @classmethod
+    def _schema_variant(cls, data: Dict[str, Any], prefix: str) -> Tuple[type, Dict[str, Any]]:
+        return _component_variant(cls, data, prefix)
 
 
 @dataclass
 class ModelConfig:
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    encoder: EncoderConfig = field(default_factory=lambda: component_config(EncoderConfig, EncoderConfig.arch)())
     heads: Dict[str, HeadConfig] = field(default_factory=dict)
     # Per-task 1x1x1 input adapters (task -> its channel count), for data.input_policy 'adapter'.
     adapters: Dict[str, int] = field(default_factory=dict)
+
+
+_VARIANTS: Dict[Tuple[str, str], type] = {}
+
+
+def _registry(base: type) -> Registry:
+    from . import models  # noqa: F401  (importing it registers the encoders and heads)
+
+    return ENCODERS if issubclass(base, EncoderConfig) else HEADS
+
+
+def _field(default: Any) -> Any:
+    if default is REQUIRED:  # checked by _component_variant, which names the key
+        return field(default=None)
+    if isinstance(default, (list, tuple, dict)):
+        return field(default_factory=lambda: copy.deepcopy(list(default) if isinstance(default, tuple) else default))
+    return field(default=default)
+
+
+def component_config(base: type, name: str) -> type:
+    """The schema of one registered component: ``base``'s keys, then its builder's declared arguments.
+
+    Args:
+        base: ``EncoderConfig`` or ``HeadConfig``.
+        name: the registered encoder arch or head type.
+
+    Returns:
+        A dataclass subclassing ``base`` (made once per name, importable from this module for pickling).
+
+    Raises:
+        Med3DError: ``name`` is not registered.
+    """
+    key = (base.__name__, name)
+    if key not in _VARIANTS:
+        reg = _registry(base)
+        own = {f.name for f in dataclasses.fields(base)}
+        fields: List[Any] = [(reg.key, Literal[name], field(default=name))]
+        fields += [(p.name, p.type, _field(p.default)) for p in reg.params(name).values() if p.name not in own]
+        cls = dataclasses.make_dataclass(f"{base.__name__}_{name}", fields, bases=(base,))
+        cls.__module__ = __name__
+        _VARIANTS[key] = cls
+    return _VARIANTS[key]
+
+
+def __getattr__(attr: str) -> Any:
+    """Variant schemas by class name (``EncoderConfig_resnet50``), so pickled configs load in a new process."""
+    base, _, name = attr.partition("_")
+    if name and base in ("EncoderConfig", "HeadConfig"):
+        return component_config(globals()[base], name)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+def _component_variant(base: type, data: Dict[str, Any], prefix: str) -> Tuple[type, Dict[str, Any]]:
+    """Pick the schema for a section by its ``arch`` / ``type`` key and check its keys against that builder.
+
+    Returns:
+        (schema class, the data with old argument names mapped).
+
+    Raises:
+        Med3DError: unknown component, a key only other components take, or a required key missing.
+    """
+    reg = _registry(base)
+    name = _checked(data.get(reg.key, getattr(base, reg.key)), Literal[tuple(reg.names())], f"{prefix}.{reg.key}")
+    data = reg.upgrade(name, data)
+    cls = component_config(base, name)
+    hints = typing.get_type_hints(cls)
+    data = {k: v for k, v in data.items() if not _default_null(reg, hints, k, v)}
+    _check_component_keys(reg, name, list(hints), data, prefix)
+    base_keys = {f.name for f in dataclasses.fields(base)}
+    for p in reg.params(name).values():
+        if p.default is REQUIRED and p.name not in data and p.name not in base_keys:
+            raise Med3DError(f"config key '{prefix}.{p.name}' is required by a {name} {reg.kind}; set it")
+    return cls, data
+
+
+def _check_component_keys(reg: Registry, name: str, keys: List[str], data: Dict[str, Any], prefix: str) -> None:
+    """A key that only other components of this kind take gets a line saying so (typos: _build's did-you-mean)."""
+    for key in data:
+        others = [n for n in reg.names() if n != name and key in reg.params(n)]
+        if key not in keys and others:
+            raise Med3DError(f"unknown config key '{prefix}.{key}': a {name} {reg.kind} does not take it (only "
+                             f"{', '.join(others)} {reg.kind}s do); it takes: {', '.join(keys)}")
+
+
+def _default_null(reg: Registry, hints: Dict[str, Any], key: str, value: Any) -> bool:
+    """Whether ``key: null`` stands for "the builder's default" and is best dropped.
+
+    Configs before 0.2 listed every head's options with null where unused (old checkpoints hold
+    them), so a null for an argument that is no Optional, or that only other components take, is dropped.
+    """
+    if value is not None:
+        return False
+    if key in hints:
+        tp = hints[key]
+        return not (tp is type(None) or (typing.get_origin(tp) is Union and type(None) in typing.get_args(tp)))
+    return any(key in reg.params(n) for n in reg.names())
 
 
 @dataclass
@@ -230,6 +337,8 @@ def _checked(value: Any, tp: Any, key: str) -> Any:
 
 
 def _build(cls: Any, data: Dict[str, Any], prefix: str) -> Any:
+    if hasattr(cls, "_schema_variant"):  # keys that depend on one of them: model.encoder (arch), heads (type)
+        cls, data = cls._schema_variant(data, prefix)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}

@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .config import CONFIG_DIR, Config, load_config
+from .config import Config, load_config
 from .data.demo import TASK_NAMES, is_complete, write_demo_data
 from .engine.trainer import describe, train
 from .export import export_encoder
+from .resources import resource_path
 
 
 def _configs(out: Path, overrides: Sequence[str], quick: bool) -> Dict[str, Config]:
@@ -28,11 +29,11 @@ def _configs(out: Path, overrides: Sequence[str], quick: bool) -> Dict[str, Conf
     ft = [f"data.datasets.{TASK_NAMES[3]}.path={data / TASK_NAMES[3]}",
           f"finetune.weights={out / 'encoder.safetensors'}"]
     return {
-        "pretrain": load_config(CONFIG_DIR / "demo" / "pretrain.yaml",
+        "pretrain": load_config(resource_path("configs/demo/pretrain.yaml"),
                                 [*pre, *common, f"run.out_dir={out / 'pretrain'}", *overrides]),
-        "pretrained": load_config(CONFIG_DIR / "demo" / "finetune.yaml",
+        "pretrained": load_config(resource_path("configs/demo/finetune.yaml"),
                                   [*ft, *common, f"run.out_dir={out / 'finetune_pretrained'}", *overrides]),
-        "scratch": load_config(CONFIG_DIR / "demo" / "finetune.yaml",
+        "scratch": load_config(resource_path("configs/demo/finetune.yaml"),
                                [*ft, *common, f"run.out_dir={out / 'finetune_scratch'}", "finetune.init=scratch",
                                 *overrides]),
     }
@@ -66,7 +67,7 @@ def run_demo(overrides: Sequence[str] = (), quick: bool = False, out_dir: str = 
 
     model, _, meta = load_checkpoint(Path(cfgs["pretrain"].run.out_dir) / "checkpoints" / "last.pt")
     enc_path = export_encoder(model, "safetensors", out / "encoder.safetensors", overwrite=True,
-                              meta={"datasets": ",".join(TASK_NAMES[:3]), "job": "med3d demo"})
+                              meta={**meta, "job": "med3d demo"})
     print(f"encoder exported to {enc_path}")
 
     print(f"\n[2/3] fine-tuning on {TASK_NAMES[3]} from the pretrained encoder")

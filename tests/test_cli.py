@@ -1,12 +1,44 @@
+import configparser
+import importlib
+import logging
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from med3d.cli import build_parser, main
 
+REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["demo-data", "check-data", "prepare", "pretrain", "finetune", "predict", "evaluate", "export",
             "inflate", "bench", "demo", "weights", "config", "encoders"]
+
+
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "med3d.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env)
+
+
+def one_line_error(stderr: str, command: str) -> str:
+    """The single stderr line of a bad-input exit, checked to be the CLI's one-line form."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith(f"med3d {command}: error: "), lines[0]
+    return lines[0]
+
+
+def torchvision_resnet18_2d() -> dict:
+    """A 2D ResNet-18 state dict in torchvision's names (MONAI's 2D ResNet uses the same keys)."""
+    from monai.networks import nets
+
+    torch.manual_seed(0)
+    net = nets.ResNet(block="basic", layers=[2, 2, 2, 2], block_inplanes=[64, 128, 256, 512], spatial_dims=2,
+                      n_input_channels=3, conv1_t_size=7, conv1_t_stride=2, shortcut_type="B",
+                      bias_downsample=False, num_classes=10)
+    return net.state_dict()
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -17,6 +49,16 @@ def test_help_on_every_subcommand(command, capsys):
     assert "usage: med3d " + command in capsys.readouterr().out
 
 
+def test_console_script_and_module_entry_points():
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    target = cfg["options.entry_points"]["console_scripts"].split("=", 1)[1].strip()
+    module, attr = target.split(":")
+    assert getattr(importlib.import_module(module), attr) is main
+    r = run_cli("--version")  # python -m med3d.cli, the form torchrun uses
+    assert r.returncode == 0 and r.stdout.startswith("med3d ")
+
+
 def test_demo_data_refuses_to_overwrite(tmp_path, capsys):
     assert main(["demo-data", str(tmp_path), "--train", "1", "--test", "0", "--tasks", "Task09_SpleenDemo"]) == 0
     assert main(["demo-data", str(tmp_path), "--tasks", "Task09_SpleenDemo"]) == 2
@@ -24,18 +66,18 @@ def test_demo_data_refuses_to_overwrite(tmp_path, capsys):
     assert main(["demo-data", str(tmp_path), "--tasks", "NoSuchTask"]) == 2
 
 
+@pytest.mark.slow
 def test_channel_mismatch_between_data_and_encoder_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "med3d.cli", "demo", "--quick", "--quiet", "--out", str(tmp_path),
-                        "--set", "model.encoder.in_channels=2"], capture_output=True, text=True)
+    r = run_cli("demo", "--quick", "--quiet", "--out", tmp_path, "--set", "model.encoder.in_channels=2")
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert "has 4 channels but the encoder takes 2" in last and "input_policy" in last
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_the_whole_workflow(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "med3d.cli", "demo", "--quick", "--quiet", "--out", str(tmp_path)],
-                       capture_output=True, text=True)
+    r = run_cli("demo", "--quick", "--quiet", "--out", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pretrained encoder" in r.stdout and "from scratch" in r.stdout
     assert (tmp_path / "encoder.safetensors").is_file()
@@ -51,6 +93,7 @@ def test_parser_lists_all_commands():
         assert c in text
 
 
+@pytest.mark.slow
 def test_benchmarks_run_and_report_ratios(capsys):
     from med3d.bench import infer_bench, loader_bench
 
@@ -60,3 +103,104 @@ def test_benchmarks_run_and_report_ratios(capsys):
     assert set(times) == {"monai", "med3d"}
     out = capsys.readouterr().out
     assert "ratio" in out and "MONAI decode" in out
+
+
+# ------------------------------------------------------------------ shipped files
+
+def test_config_falls_back_to_the_shipped_config(tmp_path, monkeypatch, capsys):
+    assert main(["config", str(REPO / "configs" / "demo" / "pretrain.yaml")]) == 0
+    expected = capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the names mean the shipped files
+    for name in ("configs/demo/pretrain.yaml", "demo/pretrain.yaml"):
+        assert main(["config", name]) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out == expected
+    assert main(["config", "configs/demo/no_such.yaml"]) == 2
+    assert "no_such.yaml: config file not found" in one_line_error(capsys.readouterr().err, "config")
+    # a file of that name in the working folder wins over the shipped one
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "pretrain.yaml").write_text("train: {lr: 0.123}\n")
+    assert main(["config", "demo/pretrain.yaml"]) == 0 and "lr: 0.123" in capsys.readouterr().out
+
+
+def test_config_help_says_it_falls_back(capsys):
+    with pytest.raises(SystemExit):
+        main(["config", "--help"])
+    assert "shipped with med3d" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.slow
+def test_install_without_shipped_files_fails_in_one_line(tmp_path):
+    """A med3d package without configs/, datasets/ or weights/ beside it (a broken install)."""
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "med3d", site / "med3d", ignore=shutil.ignore_patterns("__pycache__", "_resources"))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    r = run_cli("weights", "list", cwd=tmp_path, env=env)
+    assert r.returncode == 2
+    line = one_line_error(r.stderr, "weights")
+    assert "weights/index.yaml: not found among med3d's shipped files" in line and "reinstall" in line
+    r = run_cli("demo", "--quick", "--quiet", "--out", tmp_path / "demo", cwd=tmp_path, env=env)
+    assert r.returncode == 2
+    assert "configs/demo/pretrain.yaml: not found" in one_line_error(r.stderr, "demo")
+    assert not (tmp_path / "demo").exists()
+
+
+# ------------------------------------------------------------------ transfer commands
+
+@pytest.mark.slow
+def test_inflate_reports_the_load_once(tmp_path):
+    src = tmp_path / "resnet18-2d.pth"
+    torch.save(torchvision_resnet18_2d(), src)
+    r = run_cli("inflate", src, "--arch", "resnet18", "--out", tmp_path / "r18.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert (r.stdout + r.stderr).count("tensors from a") == 1, r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[-1] == f"wrote {tmp_path / 'r18.safetensors'}"
+
+
+def test_export_reports_the_load_once(tmp_path, capsys, caplog):
+    from med3d.transfer.formats import read_weights
+
+    src = tmp_path / "resnet18-2d.pth"
+    torch.save(torchvision_resnet18_2d(), src)
+    assert main(["inflate", str(src), "--arch", "resnet18", "--out", str(tmp_path / "e.safetensors")]) == 0
+    caplog.clear()
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="med3d"):
+        assert main(["export", str(tmp_path / "e.safetensors"), "--format", "pt", "--out", str(tmp_path / "e.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "tensors from a" not in out and out.strip() == f"wrote {tmp_path / 'e.pt'} (pt)"
+    assert sum("tensors from a" in r.getMessage() for r in caplog.records) == 1
+    exported, source = (read_weights(tmp_path / f).state_dict for f in ("e.pt", "e.safetensors"))
+    assert exported.keys() == source.keys()
+
+
+@pytest.mark.slow
+def test_inflate_bad_files_are_one_line(tmp_path, capsys):
+    sd = torchvision_resnet18_2d()
+    no_stem = tmp_path / "no_stem.pth"  # 2D kernels, but the stem conv is missing
+    torch.save({k: v for k, v in sd.items() if k != "conv1.weight"}, no_stem)
+    r = run_cli("inflate", no_stem, "--arch", "resnet18", "--out", tmp_path / "a.safetensors")
+    assert r.returncode == 2
+    line = one_line_error(r.stderr, "inflate")
+    assert f"{no_stem}: holds 2D kernels but no conv1.weight" in line
+    odd_stem = tmp_path / "odd_stem.pth"
+    torch.save({**sd, "conv1.weight": sd["conv1.weight"][:, :, :, :, None]}, odd_stem)
+    text = tmp_path / "notes.pth"
+    text.write_text("not weights")
+    cases = [
+        ([str(odd_stem)], "conv1.weight of shape [64, 3, 7, 7, 1]"),
+        ([str(text)], "not a readable PyTorch checkpoint"),
+        ([str(tmp_path / "absent.pth")], "absent.pth: weights file not found"),
+        ([str(no_stem.with_name("good.pth")), "--in-channels", "0"], "in_channels must be at least 1"),
+        ([str(no_stem.with_name("good.pth")), "--arch", "resnet34"], "resnet34"),
+    ]
+    torch.save(sd, no_stem.with_name("good.pth"))
+    for args, message in cases:
+        arch = [] if "--arch" in args else ["--arch", "resnet18"]
+        assert main(["inflate", *args, *arch, "--out", str(tmp_path / "b.safetensors")]) == 2, args
+        assert message in one_line_error(capsys.readouterr().err, "inflate"), args
+        assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_weights_verify_without_a_file_is_one_line(capsys):
+    assert main(["weights", "verify"]) == 2
+    assert "give the FILE to verify" in one_line_error(capsys.readouterr().err, "weights")

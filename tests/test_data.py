@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from med3d.cli import main
-from med3d.data.cache import load_cache, prepare_dataset
+from med3d.data.cache import cache_folder, load_cache, prepare_dataset
 from med3d.data.check import check_dataset
 from med3d.data.datalist import read_dataset
 from med3d.data.image import read_channels, read_image, write_image
@@ -206,7 +206,7 @@ def test_plan_follows_the_field_defaults(demo_root, tmp_path):
     assert [n["scheme"] for n in mr["normalization"]] == ["zscore", "zscore"]
     # Prostate demo is 1.25 x 1.25 x 3.6 mm: median spacing, axis order (z, y, x).
     assert mr["target_spacing"] == pytest.approx([3.6, 1.25, 1.25], rel=1e-5)
-    saved = json.loads((tmp_path / "Task05_ProstateDemo" / "plan.json").read_text())
+    saved = json.loads((cache_folder(tmp_path, demo_root / "Task05_ProstateDemo") / "plan.json").read_text())
     assert saved["fingerprint"]["labels"]["PZ"]["cases_with"] == 3
 
 

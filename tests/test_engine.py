@@ -20,29 +20,11 @@ from med3d.cli import main
 from med3d.config import from_dict, to_dict
 from med3d.data.cache import load_cache, prepare_dataset
 from med3d.data.sampler import MixSchedule, PatchBatches, TaskData
-from med3d.engine.losses import SegLoss
+from med3d.tasks.segmentation import SegLoss
 from med3d.engine.optim import lr_factor
-from med3d.engine.state import load_training
+from med3d.engine.checkpoints import load_training
 from med3d.engine.trainer import train
 from med3d.export import export_encoder
-
-NUM_CLASSES = {"Task01_BrainTumourDemo": 4, "Task03_LiverDemo": 3, "Task05_ProstateDemo": 3, "Task09_SpleenDemo": 2}
-
-
-def cfg_dict(demo_root: Path, tmp: Path, tasks=("Task03_LiverDemo", "Task05_ProstateDemo"), **sections) -> dict:
-    data = {
-        "model": {"encoder": {"arch": "resnet10", "widths": [8, 16, 32, 64]},
-                  "heads": {t: {"type": "med3d", "num_classes": NUM_CLASSES[t]} for t in tasks}},
-        "data": {"datasets": {t: {"path": str(demo_root / t)} for t in tasks}, "cache_dir": str(tmp / "cache"),
-                 "patch_size": [16, 32, 32], "workers": 0, "val_fraction": 0.34},
-        "run": {"out_dir": str(tmp / "run"), "seed": 0},
-        "train": {"iterations": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "lr": 0.01},
-        "validation": {"every": 0, "hd95": False},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return data
-
 
 def write_cfg(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
@@ -54,7 +36,7 @@ def params(model: torch.nn.Module) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pretrained(demo_root, tmp_path_factory):
+def pretrained(demo_root, tmp_path_factory, cfg_dict):
     """A short two-task pretraining run, shared by the tests that read its outputs."""
     tmp = tmp_path_factory.mktemp("pre")
     summary = train(from_dict(cfg_dict(demo_root, tmp, validation={"every": 2, "hd95": True})), "pretrain",
@@ -62,6 +44,7 @@ def pretrained(demo_root, tmp_path_factory):
     return tmp / "run", summary
 
 
+@pytest.mark.slow
 def test_pretraining_writes_everything_a_user_looks_for(pretrained):
     run, summary = pretrained
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "plans.json", "checkpoints/last.pt",
@@ -79,7 +62,8 @@ def test_pretraining_writes_everything_a_user_looks_for(pretrained):
     assert load_training(run / "checkpoints" / "last.pt")["train_state"]["iteration"] == 4
 
 
-def test_loss_decreases_on_a_fixed_batch(demo_root, tmp_path):
+@pytest.mark.slow
+def test_loss_decreases_on_a_fixed_batch(demo_root, tmp_path, cfg_dict):
     r = prepare_dataset(demo_root / "Task09_SpleenDemo", tmp_path, progress=False)
     plan, cases = load_cache(r.folder)
     ds = PatchBatches([TaskData("s", cases, plan)], MixSchedule(["s"], [3]), (16, 32, 32), 2, 1.0, None)
@@ -100,7 +84,8 @@ def test_loss_decreases_on_a_fixed_batch(demo_root, tmp_path):
     assert losses[-1] < 0.4 * losses[0]
 
 
-def test_finetune_from_an_export_with_frozen_stages_and_lr_multipliers(pretrained, demo_root, tmp_path):
+@pytest.mark.slow
+def test_finetune_from_an_export_with_frozen_stages_and_lr_multipliers(pretrained, demo_root, tmp_path, cfg_dict):
     run, _ = pretrained
     model, _, _ = load_checkpoint(run / "checkpoints" / "last.pt")
     enc = export_encoder(model, "safetensors", tmp_path / "enc.safetensors")
@@ -122,7 +107,8 @@ def test_finetune_from_an_export_with_frozen_stages_and_lr_multipliers(pretraine
     assert lrs == pytest.approx([0.001, 0.1])
 
 
-def test_unfreeze_at_releases_the_stages(pretrained, demo_root, tmp_path):
+@pytest.mark.slow
+def test_unfreeze_at_releases_the_stages(pretrained, demo_root, tmp_path, cfg_dict):
     run, _ = pretrained
     cfg = from_dict(cfg_dict(demo_root, tmp_path, tasks=("Task09_SpleenDemo",),
                              finetune={"weights": str(run / "checkpoints" / "last.pt"), "freeze": ["stem"],
@@ -133,8 +119,9 @@ def test_unfreeze_at_releases_the_stages(pretrained, demo_root, tmp_path):
     assert not torch.equal(start, end)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_mixed_precision_on_cpu(demo_root, tmp_path, amp):
+def test_mixed_precision_on_cpu(demo_root, tmp_path, amp, cfg_dict):
     cfg = from_dict(cfg_dict(demo_root, tmp_path, tasks=("Task09_SpleenDemo",), train={"amp": amp, "iterations": 2}))
     summary = train(cfg, "pretrain", progress=False, tensorboard=False)
     assert np.isfinite(summary["final"]["mean_dice"])
@@ -168,11 +155,15 @@ def _cli(*args, env=None, **kw):
                           env={**os.environ, **(env or {})}, **kw)
 
 
-def test_ddp_two_processes_match_one_process_with_the_same_global_batch(demo_root, tmp_path):
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(demo_root, tmp_path, cfg_dict):
     base = cfg_dict(demo_root, tmp_path, train={"iterations": 3, "batch_size": 4, "checkpoint_every": 3})
     one = write_cfg(tmp_path / "one.yaml", {**base, "run": {"out_dir": str(tmp_path / "one"), "seed": 0},
                                             "train": {**base["train"], "accumulate": 2}})
     two = write_cfg(tmp_path / "two.yaml", {**base, "run": {"out_dir": str(tmp_path / "two"), "seed": 0}})
+    # The ranks only check the cache: it is prepared before they start, from the config's own datasets.
+    prep = _cli("prepare", "--config", str(two), "--quiet")
+    assert prep.returncode == 0 and "3 case(s) prepared" in prep.stdout, prep.stderr[-2000:]
     r1 = _cli("pretrain", str(one), "--quiet")
     assert r1.returncode == 0, r1.stderr[-2000:]
     r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -188,7 +179,8 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(demo_roo
     assert diff < 1e-4 < moved
 
 
-def test_killed_then_resumed_equals_uninterrupted(demo_root, tmp_path):
+@pytest.mark.slow
+def test_killed_then_resumed_equals_uninterrupted(demo_root, tmp_path, cfg_dict):
     base = cfg_dict(demo_root, tmp_path, train={"iterations": 20, "checkpoint_every": 1, "threads": 2},
                     data={"augment": {"affine": 0.5, "noise": 0.5}})
     full = from_dict({**base, "run": {"out_dir": str(tmp_path / "full"), "seed": 0}})
@@ -223,7 +215,8 @@ def test_killed_then_resumed_equals_uninterrupted(demo_root, tmp_path):
     ({"finetune": {"weights": "/nonexistent/enc.safetensors"}}, "finetune.weights: /nonexistent/enc.safetensors"),
     ({"train": {"learning_rate": 0.1}}, "unknown config key 'train.learning_rate'"),
 ])
-def test_bad_config_fails_before_training_with_one_line(demo_root, tmp_path, change, message):
+@pytest.mark.slow
+def test_bad_config_fails_before_training_with_one_line(demo_root, tmp_path, change, message, cfg_dict):
     data = cfg_dict(demo_root, tmp_path)
     for section, values in change.items():
         data[section] = {**data.get(section, {}), **values}
@@ -234,7 +227,8 @@ def test_bad_config_fails_before_training_with_one_line(demo_root, tmp_path, cha
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
-def test_head_with_the_wrong_class_count_is_named(demo_root, tmp_path):
+@pytest.mark.slow
+def test_head_with_the_wrong_class_count_is_named(demo_root, tmp_path, cfg_dict):
     data = cfg_dict(demo_root, tmp_path, tasks=("Task09_SpleenDemo",))
     data["model"]["heads"]["Task09_SpleenDemo"]["num_classes"] = 5
     r = _cli("pretrain", str(write_cfg(tmp_path / "c.yaml", data)), "--quiet")
@@ -242,6 +236,6 @@ def test_head_with_the_wrong_class_count_is_named(demo_root, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_config_round_trip_keeps_new_sections(demo_root, tmp_path):
+def test_config_round_trip_keeps_new_sections(demo_root, tmp_path, cfg_dict):
     cfg = from_dict(cfg_dict(demo_root, tmp_path, finetune={"freeze": ["stem"]}))
     assert from_dict(to_dict(cfg)) == cfg

@@ -14,10 +14,11 @@ from med3d import Med3DError
 from med3d.checkpoint import load_checkpoint, save_checkpoint
 from med3d.cli import main
 from med3d.config import load_config
+from med3d.api import encoder_from_config
 from med3d.export import export_encoder, export_onnx, export_torchscript, tensors_sha256
-from med3d.transfer import load_pretrained
+from med3d.transfer import load_pretrained, read_weights
 
-from test_transfer import randomize_bn
+from helpers import randomize_bn
 
 
 def encoder(depth=18, layout="dilated", **kw):
@@ -43,6 +44,7 @@ def test_medicalnet_round_trip_is_exact(tmp_path):
     same_weights(enc, back)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [10, 18, 50])
 def test_monai_round_trip_is_exact_and_monai_loads_it(tmp_path, depth):
     enc = encoder(depth, layout="strided")
@@ -64,14 +66,15 @@ def test_format_layout_requirements():
 
 def test_safetensors_export_has_metadata_and_loads_back(tmp_path):
     enc = encoder(10, in_channels=2)
-    meta = {"input_channels": ["T2", "ADC"], "spacing": [0.6, 0.6, 3.6], "normalisation": "zscore-nonzero",
+    meta = {"input_channels": ["T2", "ADC"], "spacing_zyx": [3.6, 0.62, 0.62], "normalisation": "zscore-nonzero",
             "datasets": ["Task05_Prostate"]}
     path = export_encoder(enc, "safetensors", tmp_path / "enc.safetensors", meta=meta)
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata()
     assert md["format"] == "med3d" and md["med3d_version"] == med3d.__version__
     assert json.loads(md["encoder"])["arch"] == "resnet10" and json.loads(md["encoder"])["in_channels"] == 2
-    assert json.loads(md["input_channels"]) == ["T2", "ADC"] and json.loads(md["spacing"]) == [0.6, 0.6, 3.6]
+    assert json.loads(md["input_channels"]) == ["T2", "ADC"] and json.loads(md["spacing_zyx"]) == [3.6, 0.62, 0.62]
+    assert "spacing" not in md
     assert md["sha256"] == tensors_sha256(enc.state_dict())
     back = med3d.create_encoder("resnet10", in_channels=2)
     assert load_pretrained(back, path).source == "med3d"
@@ -157,6 +160,7 @@ def test_cli_export_every_format(tmp_path, capsys):
                  "--arch", "resnet10", "--layout", "strided"]) == 0
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_are_one_line(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x00" * 100)
@@ -172,8 +176,9 @@ def test_cli_bad_inputs_are_one_line(tmp_path):
     assert r.returncode == 2 and "needs" not in r.stdout and "head" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_inflate_and_verify(tmp_path):
-    from test_transfer import monai_2d
+    from helpers import monai_2d
 
     net2d = monai_2d([3, 4, 6, 3])
     src = tmp_path / "resnet34-2d.pth"
@@ -181,7 +186,7 @@ def test_cli_inflate_and_verify(tmp_path):
     out = tmp_path / "r34.safetensors"
     r = run_cli("inflate", src, "--arch", "resnet34", "--mode", "1x3x3", "--out", out)
     assert r.returncode == 0, r.stderr
-    enc = med3d.create_encoder("resnet34", in_channels=3, layout="strided", kernel="1x3x3", shortcut="B")
+    enc = med3d.create_encoder("resnet34", in_channels=3, layout="strided", conv="slicewise", shortcut="B")
     assert load_pretrained(enc, out).source == "med3d"
     torch.testing.assert_close(enc.conv1.weight[:, :, 0], net2d.conv1.weight)
     r = run_cli("weights", "verify", out)
@@ -190,6 +195,7 @@ def test_cli_inflate_and_verify(tmp_path):
     assert r.returncode == 2 and "not a 2D ResNet" in r.stderr
 
 
+@pytest.mark.slow
 def test_weights_verify_checks_index_structure(tmp_path):
     r = run_cli("weights", "list")
     assert r.returncode == 0 and "resnet_50.pth" in r.stdout
@@ -205,3 +211,140 @@ def test_weights_verify_checks_index_structure(tmp_path):
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, fake_tv)
     r = run_cli("weights", "verify", fake_tv)
     assert r.returncode == 2 and "does not start with f37072fd" in r.stderr
+
+
+# ------------------------------------------------------------------ input contract from a training checkpoint
+
+def plan(dataset, channel_names, spacing_zyx, schemes, labels, channels=None):
+    """A plan shaped like med3d.data.plan.make_plan's, as the trainer stores it per task (with ``channels``)."""
+    norm = [{"scheme": "ct", "clip": [-100.0, 240.0], "mean": 99.4, "std": 39.4} if s == "ct" else {"scheme": s}
+            for s in schemes]
+    return {"dataset": dataset, "layout": "msd", "channel_names": channel_names,
+            "labels": {str(i): name for i, name in enumerate(labels)}, "target_spacing": spacing_zyx,
+            "anisotropic_axis": None, "crop_nonzero": True, "normalization": norm,
+            "median_shape_resampled": [96, 160, 160], "preprocess_version": 1, "channels": channels}
+
+
+def training_checkpoint(tmp_path, plans, adapters=None):
+    overrides = ["model.encoder.arch=resnet10", "model.encoder.widths=[8, 16, 32, 64]"]
+    overrides += [f"model.heads.{t}.num_classes={len(p['labels'])}" for t, p in plans.items()]
+    cfg = load_config(None, overrides)
+    model = med3d.create_model(cfg)
+    meta = {"job": "pretrain", "tasks": list(plans), "plans": plans, "patch_size": [32, 64, 64], "in_channels": 1}
+    return save_checkpoint(tmp_path / "last.pt", model, cfg, meta=meta)
+
+
+def exported_metadata(tmp_path, ckpt):
+    model, _, meta = load_checkpoint(ckpt)
+    path = export_encoder(model, "safetensors", tmp_path / "enc.safetensors", meta=meta)
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata()
+    assert not [k for k in raw if k == "spacing" or k.startswith("spacing_") and k != "spacing_zyx"]
+    return {k: json.loads(v) if k not in ("format", "med3d_version", "sha256", "job") else v for k, v in raw.items()}
+
+
+def test_export_from_training_checkpoint_states_the_plans(tmp_path):
+    plans = {
+        "liver": plan("Task03_Liver", ["CT"], [2.5, 0.8, 0.8], ["ct"], ["background", "liver", "tumour"]),
+        # two MR channels, the encoder fed the second (ADC) only
+        "prostate": plan("Task05_Prostate", ["T2", "ADC"], [3.6, 0.62, 0.62], ["zscore", "zscore"],
+                         ["background", "PZ", "TZ"], channels=[1]),
+    }
+    md = exported_metadata(tmp_path, training_checkpoint(tmp_path, plans))
+    assert md["datasets"] == ["Task03_Liver", "Task05_Prostate"] and md["job"] == "pretrain"
+    assert md["spacing_zyx"] is None and md["normalisation"] is None  # tasks differ: see md["tasks"]
+    assert md["input_channels"] == ["channel0"] and md["patch_size_zyx"] == [32, 64, 64]
+    liver, prostate = md["tasks"]["liver"], md["tasks"]["prostate"]
+    assert liver["spacing_zyx"] == [2.5, 0.8, 0.8] and prostate["spacing_zyx"] == [3.6, 0.62, 0.62]
+    assert liver["normalisation"][0]["scheme"] == "ct" and liver["normalisation"][0]["clip"] == [-100.0, 240.0]
+    assert prostate["channel_names"] == ["ADC"] and prostate["normalisation"] == [{"scheme": "zscore"}]
+    assert liver["labels"] == {"0": "background", "1": "liver", "2": "tumour"} and liver["dataset"] == "Task03_Liver"
+    assert not liver["input_adapter"] and not prostate["input_adapter"]
+    assert md["encoder"]["arch"] == "resnet10" and md["encoder"]["conv"] == "3d"
+
+
+def test_export_from_single_task_checkpoint_has_top_level_contract(tmp_path):
+    plans = {"spleen": plan("Task09_Spleen", ["CT"], [1.6, 0.79, 0.79], ["ct"], ["background", "spleen"])}
+    md = exported_metadata(tmp_path, training_checkpoint(tmp_path, plans))
+    assert md["spacing_zyx"] == [1.6, 0.79, 0.79] and md["input_channels"] == ["CT"]
+    assert md["normalisation"] == md["tasks"]["spleen"]["normalisation"] and md["datasets"] == ["Task09_Spleen"]
+    # re-exporting an export keeps its contract (nothing is derived twice or lost)
+    enc = med3d.create_encoder("resnet10", widths=[8, 16, 32, 64])
+    weights = read_weights(tmp_path / "enc.safetensors")
+    load_pretrained(enc, weights)
+    again = export_encoder(enc, "safetensors", tmp_path / "again.safetensors",
+                           meta={k: v for k, v in weights.metadata.items() if k not in ("format", "sha256")})
+    assert read_weights(again).metadata["tasks"] == weights.metadata["tasks"]
+
+
+def test_old_export_with_bare_spacing_and_kernel_still_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    enc = encoder(18, layout="strided", conv="slicewise")
+    sd = {k: v.contiguous() for k, v in enc.state_dict().items()}
+    old_encoder = {k: v for k, v in enc.config.items() if k != "conv"}
+    old_encoder["kernel"] = "1x3x3"  # how med3d < 0.2 wrote it
+    md = {"format": "med3d", "med3d_version": "0.1.0", "encoder": json.dumps(old_encoder),
+          "input_channels": json.dumps(["T1"]), "spacing": json.dumps([3.0, 1.0, 1.0]), "normalisation": "null",
+          "datasets": "[]", "sha256": tensors_sha256(sd)}
+    path = tmp_path / "old.safetensors"
+    save_file(sd, str(path), metadata=md)
+    weights = read_weights(path)
+    assert weights.metadata["spacing_zyx"] == [3.0, 1.0, 1.0] and "spacing" not in weights.metadata
+    assert weights.metadata["encoder"]["conv"] == "slicewise" and "kernel" not in weights.metadata["encoder"]
+    back = encoder_from_config(weights.metadata["encoder"])
+    assert back.config == enc.config
+    load_pretrained(back, path)
+    same_weights(enc, back)
+
+
+def test_old_checkpoint_config_with_kernel_and_null_head_options_loads(tmp_path):
+    path, model = small_checkpoint(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    enc_cfg = payload["config"]["model"]["encoder"]
+    enc_cfg["kernel"] = {"3d": "3x3x3", "slicewise": "1x3x3"}[enc_cfg.pop("conv")]
+    payload["config"]["model"]["heads"]["spleen"] = {"type": "med3d", "num_classes": 2, "channels": None,
+                                                      "dropout": None}
+    torch.save(payload, path)
+    again, cfg, _ = load_checkpoint(path)
+    same_weights(model, again)
+    assert cfg.model.encoder.conv == "3d" and cfg.model.heads["spleen"].channels == 32
+
+
+# ------------------------------------------------------------------ sizes that are no multiple of the output stride
+
+def model_with_head(layout, kind, bn_randomizer):
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.encoder.arch=resnet10", f"model.encoder.layout={layout}",
+                             "model.encoder.widths=[8, 16, 32, 64]", f"model.heads.t.type={kind}"])
+    return bn_randomizer(med3d.create_model(cfg)).eval()
+
+
+ODD = (37, 45, 51)  # no axis a multiple of 8 or 32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,kind", [("dilated", "med3d"), ("strided", "unet")])
+def test_onnx_runs_at_sizes_off_the_stride(tmp_path, layout, kind, bn_randomizer):
+    import onnxruntime as ort
+
+    model = model_with_head(layout, kind, bn_randomizer)
+    assert model.size_divisibility == ((8,) * 3 if layout == "dilated" else (32,) * 3)
+    export_onnx(model, tmp_path / "m.onnx", [32, 32, 32])  # traced at a multiple of the stride
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 1, *ODD)
+    with torch.no_grad():
+        ref = model(x, "t").numpy()
+    got = sess.run(None, {"image": x.numpy()})[0]
+    assert got.shape == ref.shape == (1, 2, *ODD)
+    assert np.abs(got - ref).max() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,kind", [("dilated", "med3d"), ("strided", "unet")])
+def test_torchscript_runs_at_sizes_off_the_stride(tmp_path, layout, kind, bn_randomizer):
+    model = model_with_head(layout, kind, bn_randomizer)
+    loaded = torch.jit.load(str(export_torchscript(model, tmp_path / "m.ts", [32, 32, 32])))
+    x = torch.randn(1, 1, *ODD)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x, "t"), atol=1e-5, rtol=1e-5)

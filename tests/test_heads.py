@@ -3,7 +3,9 @@ import torch
 
 import med3d
 from med3d import Med3DError
-from med3d.models import MultiTaskModel, build_head
+from med3d.api import check_patch_size, size_divisibility
+from med3d.config import from_dict, to_dict
+from med3d.models import MultiTaskModel, build_head, build_heads
 
 
 def small_model(layout="dilated"):
@@ -67,9 +69,72 @@ def test_heads_added_and_removed():
 
 
 def test_head_option_mismatch_is_one_line():
-    with pytest.raises(Med3DError, match="model.heads.x: classification head does not accept"):
+    with pytest.raises(Med3DError, match=r"^unknown config key 'model.heads.x.channels': a classification head "
+                                         r"does not take it \(only med3d, unet heads do\); "
+                                         r"it takes: type, num_classes, dropout$"):
         med3d.create_model({"model": {"encoder": {"arch": "resnet10"},
                                       "heads": {"x": {"type": "classification", "channels": 8}}}})
+    with pytest.raises(Med3DError, match="unknown config key 'model.heads.x.dropuot'; valid keys here: type, "
+                                         "num_classes, channels"):
+        med3d.create_model({"model": {"heads": {"x": {"type": "med3d", "dropuot": 0.1}}}})
+    enc = med3d.create_encoder("resnet10", widths=[8, 16, 32, 64])
+    with pytest.raises(Med3DError, match="model.heads.x.channels: a classification head takes no 'channels'"):
+        build_heads(enc, {"x": {"type": "classification", "num_classes": 2, "channels": 8}})
+
+
+def test_old_checkpoint_head_configs_with_nulls_still_load():
+    # configs before 0.2 wrote every head option, null where unused
+    cfg = from_dict({"model": {"heads": {"a": {"type": "med3d", "num_classes": 2, "channels": None, "dropout": None},
+                                         "b": {"type": "classification", "num_classes": 3, "channels": None,
+                                               "dropout": None}}}})
+    assert to_dict(cfg)["model"]["heads"] == {"a": {"type": "med3d", "num_classes": 2, "channels": 32},
+                                              "b": {"type": "classification", "num_classes": 3, "dropout": 0.0}}
+
+
+@pytest.mark.parametrize("layout,heads,div", [
+    ("dilated", ["med3d"], (8, 8, 8)),
+    ("strided", ["unet"], (32, 32, 32)),
+    ("strided", ["classification"], (1, 1, 1)),  # global pooling takes any size
+    ("strided", ["classification", "med3d"], (32, 32, 32)),
+])
+def test_model_size_divisibility_combines_heads(layout, heads, div):
+    model = med3d.create_model({"model": {"encoder": {"arch": "resnet10", "layout": layout, "widths": [8, 16, 32, 64]},
+                                          "heads": {f"t{i}": {"type": h} for i, h in enumerate(heads)}}})
+    assert model.size_divisibility == div
+    assert size_divisibility(to_dict(from_dict({"model": {"encoder": dict(model.encoder.config),
+                                                          "heads": {f"t{i}": {"type": h}
+                                                                    for i, h in enumerate(heads)}}}))) == div
+
+
+def test_check_patch_size_names_the_key_and_nearest_sizes():
+    cfg = from_dict({"model": {"encoder": {"arch": "resnet50", "layout": "strided", "conv": "slicewise"},
+                               "heads": {"t": {"type": "unet"}}}})
+    check_patch_size(cfg, [7, 160, 128])  # slice-wise: any depth
+    with pytest.raises(Med3DError, match=r"^data.patch_size \[37, 45, 51\] does not fit the model: each axis "
+                                         r"\(z, y, x\) must be a multiple of \[1, 32, 32\] .*nearest valid "
+                                         r"\[37, 32, 64\] \(down \[37, 32, 32\], up \[37, 64, 64\]\)$"):
+        check_patch_size(cfg, [37, 45, 51])
+    model = small_model()
+    check_patch_size(model, [16, 32, 40])
+    with pytest.raises(Med3DError, match=r"multiple of \[8, 8, 8\]"):
+        check_patch_size(model, [16, 32, 36])
+
+
+@pytest.mark.parametrize("layout,kind", [("strided", "unet"), ("dilated", "med3d"), ("dilated", "unet")])
+def test_odd_sizes_are_padded_to_the_divisibility_and_cropped(layout, kind):
+    torch.manual_seed(0)
+    model = med3d.create_model({"model": {"encoder": {"arch": "resnet10", "layout": layout, "widths": [8, 16, 32, 64]},
+                                          "heads": {"t": {"type": kind}}}}).eval()
+    x = torch.randn(1, 1, 37, 45, 51)
+    div = model.size_divisibility
+    padded = torch.nn.functional.pad(x, [p for s, d in zip(reversed(x.shape[2:]), reversed(div))
+                                         for p in (0, -s % d)])
+    assert all(s % d == 0 for s, d in zip(padded.shape[2:], div))
+    with torch.no_grad():
+        out = model(x)
+        ref = model.heads["t"](model.encoder(padded), padded.shape[2:])[:, :, :37, :45, :51]
+    assert out.shape == (1, 2, 37, 45, 51)
+    torch.testing.assert_close(out, ref)
 
 
 def test_multitask_model_without_heads_is_allowed():

@@ -14,18 +14,21 @@ import med3d
 from med3d.checkpoint import save_checkpoint
 from med3d.config import from_dict
 from med3d.data.image import Geometry, Image, read_image, write_image
-from med3d.data.preprocess import preprocess, resample, restore_probabilities
+from med3d.data.preprocess import preprocess, resample
+from med3d.inference import restore_probabilities
 from med3d.engine.trainer import train
 from med3d.evaluate import classification_metrics, pair_metrics
 
-from test_engine import cfg_dict
-
 
 @pytest.fixture(scope="module")
-def liver_ckpt(demo_root, tmp_path_factory) -> Path:
+def liver_ckpt(demo_root, tmp_path_factory, cfg_dict) -> Path:
     """A (barely) trained CT model with its plan: what predict needs, not what a user would ship."""
     tmp = tmp_path_factory.mktemp("liver")
     cfg = cfg_dict(demo_root, tmp, tasks=("Task03_LiverDemo",), train={"iterations": 2, "checkpoint_every": 2})
+    # A coarse grid and larger windows keep whole-scan prediction quick; both real scans still get resampled
+    # (the CT's 3 mm slices to 5 mm, the NRRD's 0.57 mm pixels to 3 mm).
+    cfg["data"]["datasets"]["Task03_LiverDemo"]["spacing"] = [5.0, 3.0, 3.0]
+    cfg["data"]["patch_size"] = [24, 48, 48]
     train(from_dict(cfg), "pretrain", progress=False, tensorboard=False)
     return tmp / "run" / "checkpoints" / "last.pt"
 
@@ -41,6 +44,7 @@ def _same_grid(a: Image, b: Image) -> None:
     assert np.allclose(a.geometry.direction, b.geometry.direction, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_predict_real_ct_and_anisotropic_nrrd_keep_the_input_geometry(liver_ckpt, real_data, tmp_path):
     ct = real_data / "totalseg_ct" / "ct.nii.gz"
     nrrd = real_data / "radiomics" / "lung1_image.nrrd"
@@ -62,8 +66,9 @@ def test_predict_real_ct_and_anisotropic_nrrd_keep_the_input_geometry(liver_ckpt
     assert pixels.shape[0] > 100 and pixels[..., :3].std() > 0.05  # not blank
 
 
+@pytest.mark.slow
 def test_python_api_returns_arrays_with_geometry(liver_ckpt, real_data):
-    pred = med3d.predict(liver_ckpt, real_data / "totalseg_ct" / "ct.nii.gz")
+    pred = med3d.predict(liver_ckpt, real_data / "totalseg_ct" / "ct.nii.gz", probabilities=True)
     src = read_image(real_data / "totalseg_ct" / "ct.nii.gz")
     assert pred.labels.shape == src.array.shape[1:] and pred.geometry == src.geometry
     assert pred.task == "Task03_LiverDemo" and pred.probabilities.shape[0] == 3
@@ -108,6 +113,7 @@ def test_evaluate_known_values_on_simple_shapes():
     assert same["dice"] == 1.0 and same["hd95_mm"] == 0.0 and same["nsd"] == 1.0
 
 
+@pytest.mark.slow
 def test_evaluate_cli_writes_csv_summary_and_boxplot(tmp_path):
     g = Geometry((20, 20, 20), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     (tmp_path / "pred").mkdir()
@@ -135,6 +141,7 @@ def test_classification_metrics():
     assert m["auc"][1] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_named_and_the_rest_still_done(liver_ckpt, real_data, tmp_path):
     bad = tmp_path / "in"
     bad.mkdir()
@@ -160,7 +167,7 @@ def test_bad_inputs_are_named_and_the_rest_still_done(liver_ckpt, real_data, tmp
     assert again.returncode == 1 and "--overwrite" in again.stdout
 
 
-def test_checkpoint_without_a_plan_is_refused(tmp_path, demo_root):
+def test_checkpoint_without_a_plan_is_refused(tmp_path, demo_root, cfg_dict):
     cfg = from_dict(cfg_dict(demo_root, tmp_path, tasks=("Task09_SpleenDemo",)))
     from med3d.api import create_model
 

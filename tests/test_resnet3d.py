@@ -1,10 +1,14 @@
+from typing import List
+
 import pytest
 import torch
+import torch.nn.functional as F
 from monai.networks import nets
 
 import med3d
 from med3d import Med3DError
 from med3d.models.resnet3d import DEPTHS
+from med3d.registry import ENCODERS
 
 from helpers import monai_stage_features
 
@@ -16,11 +20,13 @@ def n_params(m: torch.nn.Module) -> float:
     return sum(p.numel() for p in m.parameters()) / 1e6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", sorted(DEPTHS))
 def test_parameter_counts_match_medicalnet(depth):
     assert abs(n_params(med3d.create_encoder(f"resnet{depth}")) - MEDICALNET_PARAMS[depth]) < 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", sorted(DEPTHS))
 def test_strided_encoder_equals_monai_resnet(depth):
     torch.manual_seed(depth)
@@ -76,7 +82,7 @@ def test_feature_shapes_and_strides(layout, strides):
 
 def test_1x3x3_identical_slices_give_identical_feature_slices():
     torch.manual_seed(0)
-    enc = med3d.create_encoder("resnet18", kernel="1x3x3", layout="strided").eval()
+    enc = med3d.create_encoder("resnet18", conv="slicewise", layout="strided").eval()
     assert enc.conv1.weight.shape[2:] == (1, 7, 7)
     assert all(f.stride[0] == 1 for f in enc.feature_info)
     x = torch.randn(1, 1, 1, 48, 48).repeat(1, 1, 6, 1, 1)
@@ -102,3 +108,92 @@ def test_bad_arch_and_channels():
         enc(torch.randn(1, 1, 16, 16, 16))
     with pytest.raises(Med3DError, match=r"expects \(N, C, D, H, W\)"):
         enc(torch.randn(2, 16, 16, 16))
+
+
+# ------------------------------------------------------------------ dilated layout against an independent reference
+# Med3D's dilated layout written out from MedicalNet's description, not from med3d's code:
+# (stride, dilation) of layer1..layer4; the stem is a 7x7x7 conv with stride 2 and a 3x3x3 max-pool with stride 2.
+MEDICALNET_DILATED = [(1, 1), (2, 1), (1, 2), (1, 4)]
+
+
+def _bn(x, sd, prefix):
+    return F.batch_norm(x, sd[f"{prefix}.running_mean"], sd[f"{prefix}.running_var"], sd[f"{prefix}.weight"],
+                        sd[f"{prefix}.bias"], training=False, eps=1e-5)
+
+
+def _conv(x, w, stride=1, dilation=1):
+    # padding (k // 2) * dilation keeps the size at stride 1 for odd kernels
+    return F.conv3d(x, w, stride=stride, padding=tuple(k // 2 * dilation for k in w.shape[2:]), dilation=dilation)
+
+
+def _reference_block(x, sd, p, stride, dilation):
+    if f"{p}.conv3.weight" in sd:  # bottleneck: 1x1x1, 3x3x3 (strided, dilated), 1x1x1
+        y = F.relu(_bn(_conv(x, sd[f"{p}.conv1.weight"]), sd, f"{p}.bn1"))
+        y = F.relu(_bn(_conv(y, sd[f"{p}.conv2.weight"], stride, dilation), sd, f"{p}.bn2"))
+        y = _bn(_conv(y, sd[f"{p}.conv3.weight"]), sd, f"{p}.bn3")
+    else:  # basic: two 3x3x3, the first strided, both dilated
+        y = F.relu(_bn(_conv(x, sd[f"{p}.conv1.weight"], stride, dilation), sd, f"{p}.bn1"))
+        y = _bn(_conv(y, sd[f"{p}.conv2.weight"], 1, dilation), sd, f"{p}.bn2")
+    if f"{p}.downsample.0.weight" in sd:  # shortcut B: strided 1x1x1 conv + BN
+        identity = _bn(F.conv3d(x, sd[f"{p}.downsample.0.weight"], stride=stride), sd, f"{p}.downsample.1")
+    else:  # shortcut A: strided identity, missing channels zero
+        identity = x[:, :, ::stride, ::stride, ::stride]
+        identity = F.pad(identity, (0, 0, 0, 0, 0, 0, 0, y.shape[1] - identity.shape[1]))
+    return F.relu(y + identity)
+
+
+def reference_dilated_features(sd, blocks, x):
+    y = F.relu(_bn(F.conv3d(x, sd["conv1.weight"], stride=2, padding=3), sd, "bn1"))
+    feats = [y]
+    y = F.max_pool3d(y, 3, stride=2, padding=1)
+    for i, ((stride, dilation), n) in enumerate(zip(MEDICALNET_DILATED, blocks)):
+        for j in range(n):
+            y = _reference_block(y, sd, f"layer{i + 1}.{j}", stride if j == 0 else 1, dilation)
+        feats.append(y)
+    return feats
+
+
+@pytest.mark.parametrize("arch,widths", [("resnet18", [16, 32, 64, 128]), ("resnet50", [8, 16, 32, 64])])
+def test_dilated_layout_equals_layerwise_reference(arch, widths, bn_randomizer):
+    torch.manual_seed(0)
+    enc = bn_randomizer(med3d.create_encoder(arch, layout="dilated", widths=widths)).double().eval()
+    sd = enc.state_dict()
+    x = torch.randn(1, 1, 21, 27, 30, dtype=torch.float64)  # no axis a multiple of 8
+    with torch.no_grad():
+        ours, ref = enc(x), reference_dilated_features(sd, DEPTHS[enc.depth][1], x)
+    for a, b, info in zip(ours, ref, enc.feature_info):
+        assert a.shape == b.shape, info.name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=info.name)
+
+
+# ------------------------------------------------------------------ declared arguments, conv option, divisibility
+
+def test_encoder_arguments_are_declared_by_the_builder():
+    params = ENCODERS.params("resnet50")
+    assert list(params) == ["in_channels", "layout", "conv", "shortcut", "stem_kernel", "stem_stride",
+                            "downsample_bias", "widths"]
+    assert params["layout"].default == "dilated" and params["widths"].type == List[int]
+    enc = med3d.create_encoder("resnet50", widths=[8, 16, 32, 64])
+    assert list(enc.config) == ["arch", *params]  # export metadata lists exactly the declared arguments
+    assert med3d.api.encoder_from_config(enc.config).config == enc.config
+    with pytest.raises(Med3DError, match="encoder 'resnet18' takes no argument 'layuot'; did you mean 'layout'"):
+        med3d.create_encoder("resnet18", layuot="strided")
+
+
+def test_old_kernel_argument_maps_to_conv():
+    assert med3d.create_encoder("resnet18", kernel="1x3x3").config["conv"] == "slicewise"
+    assert med3d.create_encoder("resnet18", kernel="3x3x3").config["conv"] == "3d"
+    with pytest.raises(Med3DError, match="unknown conv '2d'"):
+        med3d.create_encoder("resnet18", conv="2d")
+
+
+@pytest.mark.parametrize("layout,conv,div", [
+    ("dilated", "3d", (8, 8, 8)), ("strided", "3d", (32, 32, 32)), ("strided", "slicewise", (1, 32, 32)),
+])
+def test_encoder_size_divisibility(layout, conv, div):
+    enc = med3d.create_encoder("resnet10", layout=layout, conv=conv, widths=[8, 16, 32, 64])
+    assert enc.size_divisibility == div
+    with torch.no_grad():  # at multiples of it every stage's grid is exactly size / stride
+        feats = enc.eval()(torch.randn(1, 1, *(2 * d for d in div)))
+    for f, info in zip(feats, enc.feature_info):
+        assert tuple(f.shape[2:]) == tuple(2 * d // s for d, s in zip(div, info.stride))

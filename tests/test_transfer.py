@@ -5,25 +5,13 @@ import pytest
 import torch
 from monai.networks import nets
 
+from helpers import monai_2d, monai_stage_features, randomize_bn
 import med3d
 from med3d import Med3DError
 from med3d.transfer import (adapt_input_conv, first_k_stages, inflate_state_dict, init_state_dict,
                             load_pretrained, map_input_channels, mean_var)
 from med3d.transfer.formats import describe_state_dict, read_weights
 
-from helpers import monai_stage_features
-
-
-def randomize_bn(module):
-    """Non-trivial BN statistics so that comparisons exercise them."""
-    g = torch.Generator().manual_seed(0)
-    for m in module.modules():
-        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return module
 
 
 def medicalnet_file(tmp_path, depth=18, with_seg=True, n_classes=2):
@@ -118,24 +106,6 @@ def test_first_conv_channels_adapted_on_load(tmp_path):
 
 # ------------------------------------------------------------------ inflation
 
-def monai_2d(depth_blocks, block="basic", seed=0):
-    """A MONAI 2D ResNet (torchvision's keys) whose BN statistics are estimated on data, as a trained
-    network's are, so activations stay near unit scale like ImageNet weights' do."""
-    torch.manual_seed(seed)
-    net = nets.ResNet(block=block, layers=depth_blocks, block_inplanes=[64, 128, 256, 512], spatial_dims=2,
-                      n_input_channels=3, conv1_t_size=7, conv1_t_stride=2, shortcut_type="B",
-                      bias_downsample=False, num_classes=10)
-    randomize_bn(net)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average over the calibration batches
-    net.train()
-    with torch.no_grad():
-        for _ in range(2):
-            net(torch.randn(4, 3, 64, 64))
-    return net.eval()
-
-
 def test_monai_2d_keys_are_torchvision_keys():
     keys = set(monai_2d([2, 2, 2, 2]).state_dict())
     assert {"conv1.weight", "layer2.0.downsample.0.weight", "layer2.0.downsample.1.running_var",
@@ -154,7 +124,7 @@ def test_1x3x3_inflation_equals_2d_network_slice_by_slice(arch, blocks, block, d
     net2d = monai_2d(blocks, block).to(dtype)
     sd3d = inflate_state_dict(net2d.state_dict(), "1x3x3")
     assert "fc.weight" not in sd3d and sd3d["conv1.weight"].shape == (64, 3, 1, 7, 7)
-    enc = med3d.create_encoder(arch, in_channels=3, layout="strided", kernel="1x3x3", shortcut="B").to(dtype)
+    enc = med3d.create_encoder(arch, in_channels=3, layout="strided", conv="slicewise", shortcut="B").to(dtype)
     enc.load_state_dict(sd3d, strict=True)
     enc.eval()
     x = torch.randn(1, 3, 3, 64, 64, dtype=dtype)  # 3 different slices
@@ -196,7 +166,7 @@ def test_torchvision_file_inflated_on_the_fly(tmp_path):
     net2d = monai_2d([2, 2, 2, 2])
     path = tmp_path / "resnet18-2d.pth"
     torch.save(net2d.state_dict(), path)
-    enc = med3d.create_encoder("resnet18", in_channels=1, layout="strided", kernel="1x3x3", shortcut="B")
+    enc = med3d.create_encoder("resnet18", in_channels=1, layout="strided", conv="slicewise", shortcut="B")
     report = load_pretrained(enc, path)
     assert report.source == "torchvision"
     assert any("inflated" in n for n in report.notes) and any("3 to 1" in n for n in report.notes)
@@ -251,6 +221,6 @@ def test_init_policies_pin_their_statistics():
 
 
 def test_describe_state_dict():
-    info = describe_state_dict(med3d.create_encoder("resnet50", in_channels=2, kernel="1x3x3").state_dict())
+    info = describe_state_dict(med3d.create_encoder("resnet50", in_channels=2, conv="slicewise").state_dict())
     assert info == {"arch": "resnet50", "dims": 3, "in_channels": 2, "shortcut": "B", "stem_kernel": [1, 7, 7],
-                    "width": 64, "kernel": "1x3x3"}
+                    "width": 64, "conv": "slicewise"}

@@ -2,12 +2,16 @@
 
 Layout, one folder per dataset::
 
-    CACHE/<dataset>/plan.json           the plan (fingerprint inside), its hash
-    CACHE/<dataset>/cases/<id>_data.npy float32 (C, Z, Y, X) on the plan grid
-    CACHE/<dataset>/cases/<id>_seg.npy  int8/int16 (1, Z, Y, X)
-    CACHE/<dataset>/cases/<id>_locs.npz per-class voxel coordinates, for foreground sampling
-    CACHE/<dataset>/cases/<id>.json     properties: original geometry, crop box, plan hash
-    CACHE/<dataset>/manifest.json       the finished cases
+    CACHE/<name>-<hash>/plan.json           the plan (fingerprint inside), its hash
+    CACHE/<name>-<hash>/cases/<id>_data.npy float32 (C, Z, Y, X) on the plan grid
+    CACHE/<name>-<hash>/cases/<id>_seg.npy  int8/int16 (1, Z, Y, X)
+    CACHE/<name>-<hash>/cases/<id>_locs.npz per-class voxel coordinates, for foreground sampling
+    CACHE/<name>-<hash>/cases/<id>.json     properties: original geometry, crop box, plan hash
+    CACHE/<name>-<hash>/manifest.json       the finished cases
+
+``cache_folder`` alone names a dataset's folder (``<name>-<hash>``: the resolved folder's name and
+a hash of its resolved path), so a symlink and its target share one cache and two datasets with
+the same folder name in different places never do.
 
 Every file is written atomically and a case's ``.json`` is written last, so it marks a case
 complete: a run killed mid-case leaves at most a temp file, never a case that looks done.
@@ -16,7 +20,9 @@ a changed plan (of the fields that change the arrays) redoes only that dataset's
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +36,7 @@ from ..io import write_atomic, write_json_atomic
 from .check import require_valid
 from .datalist import Case, DatasetInfo, read_dataset
 from .image import read_channels, read_image
-from .plan import case_fingerprint, dataset_fingerprint, find_descriptor, load_descriptor, make_plan, plan_hash
+from .plan import case_seed, case_fingerprint, dataset_fingerprint, find_descriptor, load_descriptor, make_plan, plan_hash
 from .preprocess import preprocess
 
 PathLike = Union[str, Path]
@@ -48,6 +54,20 @@ def _stamp(paths: Sequence[Path]) -> List[List[Any]]:
 
 def _case_sources(case: Case) -> List[Path]:
     return [*case.images, *([case.label] if case.label else [])]
+
+
+def cache_folder(cache_dir: PathLike, dataset_root: PathLike) -> Path:
+    """The one cache folder of the dataset at ``dataset_root`` (``prepare`` and training both use this).
+
+    Args:
+        cache_dir: the cache root (``--cache`` / ``data.cache_dir``).
+        dataset_root: the raw dataset folder, possibly through a symlink.
+
+    Returns:
+        ``cache_dir/<resolved folder name>-<8 hex digits of the resolved path's hash>``.
+    """
+    real = Path(dataset_root).resolve()
+    return Path(cache_dir) / f"{real.name}-{hashlib.sha256(str(real).encode()).hexdigest()[:8]}"
 
 
 def case_files(folder: Path, case_id: str) -> Dict[str, Path]:
@@ -84,8 +104,12 @@ def class_locations(seg: np.ndarray, seed: int) -> Dict[str, np.ndarray]:
     return out
 
 
-def prepare_case(case: Case, plan: Dict[str, Any], folder: Path, seed: int = 0) -> Dict[str, Any]:
-    """Preprocess one case into the cache; returns its properties."""
+def prepare_case(case: Case, plan: Dict[str, Any], folder: Path) -> Dict[str, Any]:
+    """Preprocess one case into the cache; returns its properties.
+
+    Everything written depends on the case and the plan only (the foreground sample is seeded by
+    the case id), so a resumed ``prepare`` writes the same bytes as a fresh one.
+    """
     image = read_channels(case.images)
     label = read_image(case.label, dtype=np.int16).array if case.label else None
     data, seg, props = preprocess(image, label, plan)
@@ -94,7 +118,7 @@ def prepare_case(case: Case, plan: Dict[str, Any], folder: Path, seed: int = 0) 
     seg = seg if seg is not None else np.zeros((1, *data.shape[1:]), np.int16)
     seg = seg.astype(np.int8 if seg.max() < 127 else np.int16)
     write_atomic(files["seg"], lambda tmp: np.save(tmp, seg))
-    locs = class_locations(seg[0], seed)
+    locs = class_locations(seg[0], case_seed(case.case_id))
     write_atomic(files["locs"], lambda tmp: np.savez(tmp, **locs))
     props.update(case_id=case.case_id, plan_hash=plan_hash(plan), sources=_stamp(_case_sources(case)),
                  classes=sorted(int(k) for k in locs), shape=list(data.shape[1:]))
@@ -103,9 +127,9 @@ def prepare_case(case: Case, plan: Dict[str, Any], folder: Path, seed: int = 0) 
 
 
 def _prepare_one(args) -> Tuple[str, Optional[str]]:
-    case, plan, folder, seed = args
+    case, plan, folder = args
     try:
-        prepare_case(case, plan, folder, seed)
+        prepare_case(case, plan, folder)
         return case.case_id, None
     except Med3DError as err:
         return case.case_id, str(err)
@@ -128,7 +152,8 @@ def _map(fn, jobs: List[Any], workers: int, desc: str, progress: bool) -> List[A
     from tqdm import tqdm
 
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        # forkserver, not fork: forking a process whose torch/tqdm threads hold a lock can hang a worker.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
             it = pool.map(fn, jobs)
             return list(tqdm(it, total=len(jobs), desc=desc, unit="case", disable=not progress, leave=False))
     return [fn(j) for j in tqdm(jobs, desc=desc, unit="case", disable=not progress, leave=False)]
@@ -136,8 +161,12 @@ def _map(fn, jobs: List[Any], workers: int, desc: str, progress: bool) -> List[A
 
 def plan_dataset(info: DatasetInfo, folder: Path, workers: int = 0, progress: bool = False,
                  descriptor: Optional[PathLike] = None, spacing: Optional[Sequence[float]] = None,
-                 normalization: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Fingerprint (reused when its sources are unchanged) and plan for one dataset."""
+                 normalization: Optional[Sequence[str]] = None, read_only: bool = False) -> Dict[str, Any]:
+    """Fingerprint (reused when its sources are unchanged) and plan for one dataset.
+
+    With ``read_only`` nothing is computed or written: a missing or stale fingerprint is an error
+    (DDP ranks check a cache that ``prepare`` wrote before they started).
+    """
     stamps = {c.case_id: _stamp(_case_sources(c)) for c in info.cases}
     fp_path = folder / "fingerprint.json"
     fp = None
@@ -145,6 +174,9 @@ def plan_dataset(info: DatasetInfo, folder: Path, workers: int = 0, progress: bo
         old = json.loads(fp_path.read_text())
         if old.get("sources") == stamps:
             fp = old
+    if fp is None and read_only:
+        raise Med3DError(f"dataset {info.root}: not prepared in {folder.parent}, or changed since; run "
+                         "'med3d prepare --config CONFIG' (the training config) before starting the ranks")
     if fp is None:
         per_case = _map(_fingerprint_one, info.cases, workers, f"fingerprint {info.name}", progress)
         fp = dataset_fingerprint(info, per_case)
@@ -161,16 +193,16 @@ def plan_dataset(info: DatasetInfo, folder: Path, workers: int = 0, progress: bo
 def prepare_dataset(root: PathLike, cache_dir: PathLike, workers: int = 0, progress: bool = True,
                     descriptor: Optional[PathLike] = None, spacing: Optional[Sequence[float]] = None,
                     normalization: Optional[Sequence[str]] = None, check: bool = True) -> PrepareResult:
-    """Check, plan and preprocess one dataset into ``cache_dir/<name>`` (resumable, idempotent)."""
+    """Check, plan and preprocess one dataset into ``cache_folder(cache_dir, root)`` (resumable, idempotent)."""
     info = read_dataset(root)
     if check:
         require_valid(info, workers)
-    folder = Path(cache_dir) / info.name
+    folder = cache_folder(cache_dir, root)
     plan = plan_dataset(info, folder, workers, progress, descriptor, spacing, normalization)
     phash = plan_hash(plan)
     write_json_atomic(folder / "plan.json", {**plan, "plan_hash": phash})
     todo = [c for c in info.cases if not is_done(folder, c, phash)]
-    results = _map(_prepare_one, [(c, plan, folder, i) for i, c in enumerate(todo)], workers,
+    results = _map(_prepare_one, [(c, plan, folder) for c in todo], workers,
                    f"prepare {info.name}", progress)
     failed = [f"{cid}: {err}" for cid, err in results if err]
     done_ids = [c.case_id for c in info.cases if is_done(folder, c, phash)]
@@ -179,6 +211,32 @@ def prepare_dataset(root: PathLike, cache_dir: PathLike, workers: int = 0, progr
                                                  "num_channels": info.num_channels,
                                                  "labels": plan["labels"]})
     return PrepareResult(folder, plan, len(todo) - len(failed), len(info.cases) - len(todo), failed)
+
+
+def check_prepared(root: PathLike, cache_dir: PathLike, descriptor: Optional[PathLike] = None,
+                   spacing: Optional[Sequence[float]] = None,
+                   normalization: Optional[Sequence[str]] = None) -> Path:
+    """The cache folder of a dataset that is fully prepared under its current plan; writes nothing.
+
+    Args:
+        root, cache_dir, descriptor, spacing, normalization: as for ``prepare_dataset``.
+
+    Returns:
+        The dataset's cache folder.
+
+    Raises:
+        Med3DError: the cache is missing, stale, or lacks a case; the message says what to run.
+    """
+    info = read_dataset(root)
+    folder = cache_folder(cache_dir, root)
+    phash = plan_hash(plan_dataset(info, folder, descriptor=descriptor, spacing=spacing,
+                                   normalization=normalization, read_only=True))
+    missing = [c.case_id for c in info.cases if not is_done(folder, c, phash)]
+    if missing:
+        raise Med3DError(f"dataset {root}: {len(missing)} case(s) not prepared under the current plan in "
+                         f"{cache_dir} (first: {missing[0]}); run 'med3d prepare --config CONFIG' (the training "
+                         "config) before starting the ranks")
+    return folder
 
 
 @dataclass
@@ -190,17 +248,30 @@ class CachedCase:
     props: Dict[str, Any]
 
 
-def load_cache(folder: PathLike) -> Tuple[Dict[str, Any], List[CachedCase]]:
-    """Plan and complete cases of one prepared dataset (cases not marked complete are not returned)."""
+def load_cache(folder: PathLike, case_ids: Optional[Sequence[str]] = None) -> Tuple[Dict[str, Any], List[CachedCase]]:
+    """Plan and complete cases of one prepared dataset (cases not marked complete are not returned).
+
+    Args:
+        folder: the dataset's cache folder (``cache_folder``).
+        case_ids: only these cases (the dataset's current list; cases since removed from it stay
+            out); None: every complete case in the folder.
+
+    Returns:
+        The plan and the cases, by case id.
+
+    Raises:
+        Med3DError: no plan or no complete case in the folder.
+    """
     folder = Path(folder)
     plan_path = folder / "plan.json"
     if not plan_path.is_file():
         raise Med3DError(f"{folder}: no prepared cache here; run 'med3d prepare' on the dataset first")
     plan = json.loads(plan_path.read_text())
+    wanted = set(case_ids) if case_ids is not None else None
     cases = []
     for props_path in sorted((folder / "cases").glob("*.json")):
         props = json.loads(props_path.read_text())
-        if props.get("plan_hash") != plan["plan_hash"]:
+        if props.get("plan_hash") != plan["plan_hash"] or (wanted is not None and props["case_id"] not in wanted):
             continue
         files = case_files(folder, props["case_id"])
         cases.append(CachedCase(props["case_id"], files["data"], files["seg"], files["locs"], props))

@@ -26,10 +26,10 @@ import numpy as np
 import yaml
 
 from ..errors import Med3DError
+from ..resources import resource_dir
 from .datalist import Case, DatasetInfo
 from .image import read_channels, read_image
 
-DESCRIPTOR_DIR = Path(__file__).resolve().parents[2] / "datasets"
 PREPROCESS_VERSION = 1  # bump when the preprocessing code changes what it writes
 ANISOTROPY_RATIO = 3.0
 FG_SAMPLES_PER_CASE = 10000
@@ -58,8 +58,9 @@ def crop(array: np.ndarray, box: Sequence[Tuple[int, int]]) -> np.ndarray:
 
 # ---------------------------------------------------------------- fingerprint
 
-def _seed(text: str) -> int:
-    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+def case_seed(case_id: str) -> int:
+    """A seed that depends on the case id alone (not on its position in any list)."""
+    return int(hashlib.sha256(case_id.encode()).hexdigest()[:8], 16)
 
 
 def case_fingerprint(case: Case) -> Dict[str, Any]:
@@ -73,7 +74,7 @@ def case_fingerprint(case: Case) -> Dict[str, Any]:
     if label is not None:
         seg = crop(label, box)[0]
         fg = np.flatnonzero(seg > 0)
-        rng = np.random.default_rng(_seed(case.case_id))
+        rng = np.random.default_rng(case_seed(case.case_id))
         pick = rng.choice(fg, min(FG_SAMPLES_PER_CASE, fg.size), replace=False) if fg.size else fg
         out["fg_samples"] = [data[c].reshape(-1)[pick].astype(float).tolist() for c in range(data.shape[0])]
         values, counts = np.unique(seg, return_counts=True)
@@ -134,10 +135,13 @@ def load_descriptor(path: Path) -> Dict[str, Any]:
     return data
 
 
-def find_descriptor(dataset_name: str, folder: Path = DESCRIPTOR_DIR) -> Optional[Path]:
-    """The shipped descriptor for a dataset folder name (``Task09_Spleen`` and ``Dataset009_Spleen`` -> Spleen)."""
+def find_descriptor(dataset_name: str, folder: Optional[Path] = None) -> Optional[Path]:
+    """The shipped descriptor for a dataset folder name (``Task09_Spleen`` and ``Dataset009_Spleen`` -> Spleen).
+
+    ``folder`` defaults to the shipped ``datasets/``; an install without it is a ``Med3DError``.
+    """
     key = _descriptor_key(dataset_name)
-    for path in sorted(folder.glob("**/*.yaml")):
+    for path in sorted((folder or resource_dir("datasets")).glob("**/*.yaml")):
         data = yaml.safe_load(path.read_text()) or {}
         if data.get("key") == key:
             return path

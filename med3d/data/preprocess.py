@@ -1,4 +1,4 @@
-"""Applying a plan to one case: crop, normalise, resample (and the way back for predictions).
+"""Applying a plan to one case: crop, normalise, resample (``inference.restore`` goes the way back).
 
 Resampling runs through ``torch.nn.functional.interpolate``: trilinear for intensities and
 probabilities, nearest for label maps. When a case is strongly anisotropic the coarse axis is
@@ -90,14 +90,3 @@ def _geometry_dict(image: Image) -> Dict[str, Any]:
     g = image.geometry
     return {"shape": list(g.shape), "spacing": list(g.spacing), "origin": list(g.origin),
             "direction": list(g.direction)}
-
-
-def restore_probabilities(probs: np.ndarray, props: Dict[str, Any], plan: Dict[str, Any]) -> np.ndarray:
-    """Class probabilities ``(K, z, y, x)`` on the plan grid -> the original grid (outside the crop: background)."""
-    cropped = props["cropped_shape"]
-    back = resample(probs.astype(np.float32), cropped, plan["target_spacing"], props["spacing_zyx"], is_label=False)
-    full = np.zeros((probs.shape[0], *props["geometry"]["shape"]), dtype=np.float32)
-    full[0] = 1.0
-    region = (slice(None),) + tuple(slice(lo, hi) for lo, hi in props["crop_box"])
-    full[region] = back
-    return full

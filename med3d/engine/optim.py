@@ -71,14 +71,12 @@ def stage_modules(model: MultiTaskModel, names: Iterable[str]) -> List[nn.Module
 
 
 def set_frozen(model: MultiTaskModel, names: Iterable[str], frozen: bool) -> None:
-    """Freeze (or release) encoder stages: no gradients, and BatchNorm keeps its pretrained statistics."""
+    """Freeze (or release) encoder stages: no gradients, and BatchNorm keeps its pretrained statistics.
+
+    Frozen stages are put in eval mode, released ones in training mode; the trainer calls this
+    again after every ``model.train()``.
+    """
     for module in stage_modules(model, names):
         for p in module.parameters():
             p.requires_grad_(not frozen)
         module.train(not frozen)
-
-
-def keep_frozen_bn_eval(model: MultiTaskModel, names: Iterable[str]) -> None:
-    """After ``model.train()``: put frozen stages back in eval mode (their BN statistics stay fixed)."""
-    for module in stage_modules(model, names):
-        module.eval()

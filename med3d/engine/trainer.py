@@ -1,17 +1,18 @@
-"""The training loop shared by ``med3d pretrain`` and ``med3d finetune``.
+"""The training loop shared by ``med3d pretrain`` and ``med3d finetune``, as a ``Trainer`` object.
 
-Read top to bottom: set up (distributed, data, model, weights, optimizer), optionally resume,
-then for each step draw ``accumulate`` micro-batches of one task, run them under autocast,
-step the optimizer, and every so often log, validate and checkpoint. Only rank 0 writes.
+``Trainer.run`` reads top to bottom: set up, then per step release frozen stages when their time
+comes, train one step, and log / validate / checkpoint at their intervals; then end. Each phase
+is a method, so a variant overrides one of them (as nnU-Net's trainer variants do). The state
+that changes while training lives in ``TrainState``; the rest is fixed at set-up. Only rank 0
+writes files.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
-import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -19,29 +20,36 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..api import create_model
-from ..config import Config, from_dict, save_resolved
+from ..api import check_patch_size, create_model
+from ..config import Config, save_resolved
 from ..data.sampler import MixSchedule, PatchBatches, make_loader
 from ..errors import Med3DError
-from ..io import write_json_atomic
+from ..io import write_json_atomic, write_text_atomic
 from ..models.multitask import MultiTaskModel
+from ..tasks import kind_for_head
 from ..transfer.init import init_state_dict
 from ..transfer.load import load_pretrained
-from .data import check_tasks, setup_data
+from .checkpoints import load_training, prune, publish_last, save_training, set_rng_state
 from .distributed import DistInfo, cleanup, init_distributed, mean_across
 from .logger import RunLogger, plot_curves
-from .losses import SegLoss
-from .optim import build_optimizer, build_scheduler, check_stages, keep_frozen_bn_eval, set_frozen
-from .state import load_training, prune, save_training, set_rng_state
-from .validate import validate
+from .optim import build_optimizer, build_scheduler, check_stages, set_frozen
+from .resume import resume_config
+from .task_data import DataSetup, check_tasks, setup_data
+from .validation import run_validation
 
 log = logging.getLogger("med3d.train")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def preflight(cfg: Config, job: str) -> None:
-    """Config checks that need no data: fail before any preparation or training starts."""
+    """Config checks that need no data: fail before any preparation or training starts.
+
+    Raises:
+        Med3DError: naming the first key at fault.
+    """
     check_tasks(cfg)
+    for task, head in cfg.model.heads.items():
+        kind_for_head(head.type, f"model.heads.{task}.type")
     t = cfg.train
     if t.batch_size < 1 or t.accumulate < 1 or t.iterations < 1:
         raise Med3DError("train.batch_size, train.accumulate and train.iterations must be at least 1")
@@ -49,10 +57,13 @@ def preflight(cfg: Config, job: str) -> None:
         raise Med3DError(f"data.patch_size must be three sizes of at least 8 voxels, got {cfg.data.patch_size}")
     if not 0.0 <= cfg.data.foreground_share <= 1.0:
         raise Med3DError(f"data.foreground_share must be between 0 and 1, got {cfg.data.foreground_share}")
+    if not 0.0 <= cfg.validation.overlap < 1.0:
+        raise Med3DError(f"validation.overlap must be in [0, 1), got {cfg.validation.overlap}")
     if job == "finetune" and cfg.finetune.weights and not Path(cfg.finetune.weights).is_file():
         raise Med3DError(f"finetune.weights: {cfg.finetune.weights} not found; point it at an encoder export, "
                          "a med3d checkpoint or MedicalNet/MONAI/torchvision weights")
     check_stages(cfg.finetune.freeze)
+    check_patch_size(cfg, cfg.data.patch_size)
 
 
 def init_from_weights(model: MultiTaskModel, cfg: Config) -> str:
@@ -65,204 +76,329 @@ def init_from_weights(model: MultiTaskModel, cfg: Config) -> str:
     gen = torch.Generator().manual_seed(cfg.run.seed)
     chosen = init_state_dict(ft.init, donor.state_dict(), ft.first_k, gen)
     model.encoder.load_state_dict(chosen, strict=False)
-    kept = len(chosen)
-    return f"{report}\n  init '{ft.init}': {kept} of {len(donor.state_dict())} encoder tensors taken from the file"
+    return f"{report}\n  init '{ft.init}': {len(chosen)} of {len(donor.state_dict())} encoder tensors taken from the file"
 
 
-def _split_batch(cfg: Config, info: DistInfo) -> int:
-    micro = cfg.train.batch_size / (info.world * cfg.train.accumulate)
+def micro_batch(cfg: Config, world: int) -> int:
+    """Samples per forward pass on one rank: the global batch over ranks and accumulation steps."""
+    micro = cfg.train.batch_size / (world * cfg.train.accumulate)
     if micro != int(micro):
-        raise Med3DError(f"train.batch_size {cfg.train.batch_size} does not split into {info.world} rank(s) x "
+        raise Med3DError(f"train.batch_size {cfg.train.batch_size} does not split into {world} rank(s) x "
                          f"{cfg.train.accumulate} accumulation step(s)")
     return int(micro)
 
 
-def _wrap(model: nn.Module, cfg: Config, info: DistInfo) -> nn.Module:
-    if info.world == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
+@dataclass
+class TrainState:
+    """What changes while training (the rest of the trainer is fixed at set-up)."""
 
-    # Each step trains one task's head, so the other heads get no gradient: find_unused_parameters.
-    return DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-               find_unused_parameters=True)
-
-
-def train(cfg: Config, job: str = "pretrain", resume: Optional[str] = None, progress: bool = True,
-          tensorboard: bool = True) -> Dict[str, Any]:
-    """Run a training job; returns the summary (best metric, time, throughput, validation history)."""
-    info = init_distributed()
-    try:
-        return _train(cfg, job, resume, progress, tensorboard, info)
-    finally:
-        cleanup(info)
+    step: int = 0  # optimizer steps done; the sampler's next step
+    best: Dict[str, Any] = field(default_factory=lambda: {"metric": None, "iteration": None})
+    frozen: List[str] = field(default_factory=list)  # encoder stages frozen now
+    start: int = 0  # the step this process started (or resumed) at
+    seen: int = 0  # samples trained on by this process
+    losses: List[float] = field(default_factory=list)  # step losses since the last log line
+    task: str = ""  # the task of the last step
+    history: List[Dict[str, Any]] = field(default_factory=list)  # validation scores so far
 
 
-def _train(cfg: Config, job: str, resume: Optional[str], progress: bool, tensorboard: bool,
-           info: DistInfo) -> Dict[str, Any]:
-    state = None
-    if resume:
-        state = load_training(Path(resume))
-        cfg = from_dict(state["config"])  # the run continues under the config it started with
-    preflight(cfg, job)
-    out = Path(cfg.run.out_dir)
-    ckpt_dir = out / "checkpoints"
-    torch.manual_seed(cfg.run.seed)
-    np.random.seed(cfg.run.seed)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if info.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    micro = _split_batch(cfg, info)
+class Trainer:
+    """One training job (``pretrain`` or ``finetune``).
 
-    setup = setup_data(cfg, info, progress=progress and info.is_main)
-    cfg = replace(cfg, model=replace(cfg.model, adapters=setup.adapters))
-    model = create_model(cfg)
-    report = None
-    if state is None and job == "finetune" and cfg.finetune.weights and cfg.finetune.init != "scratch":
-        report = init_from_weights(model, cfg)
-    if cfg.train.sync_bn and info.world > 1 and info.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(info.device)
-    if cfg.train.channels_last:
-        model.to(memory_format=torch.channels_last_3d)
-    opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg)
-    amp = AMP_DTYPES[cfg.train.amp]
-    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp == "fp16")
-    start, best = 0, {"metric": None, "iteration": None}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ts = state["train_state"]
-        opt.load_state_dict(ts["optimizer"])
-        sched.load_state_dict(ts["scheduler"])
+    Args:
+        cfg: the resolved config.
+        job: ``pretrain`` or ``finetune`` (fine-tuning reads ``finetune.*``: weights, init, freezing).
+        resume: a training checkpoint to continue from, or None.
+        progress: show progress bars.
+        tensorboard: also write TensorBoard events.
+    """
+
+    def __init__(self, cfg: Config, job: str = "pretrain", resume: Optional[str] = None, progress: bool = True,
+                 tensorboard: bool = True) -> None:
+        self.cfg, self.job, self.resume_from = cfg, job, resume
+        self.progress, self.tensorboard = progress, tensorboard
+        self.state = TrainState()
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> Dict[str, Any]:
+        """Train to ``train.iterations``; returns the summary (also written to ``summary.json``)."""
+        try:
+            self.setup()
+            for step in self.steps():
+                self.release_frozen(step)
+                loss = self.train_step(step)
+                self.after_step(loss)
+            return self.end()
+        finally:
+            self.close()
+
+    def steps(self):
+        """The remaining steps, with a progress bar on rank 0."""
+        from tqdm import tqdm
+
+        self.bar = tqdm(range(self.state.step, self.cfg.train.iterations), initial=self.state.step,
+                        total=self.cfg.train.iterations, desc=self.job, unit="it", dynamic_ncols=True,
+                        disable=not (self.progress and self.info.is_main))
+        self.clock = time.perf_counter()
+        return self.bar
+
+    # ------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        """Distributed group, config (resumed or new), data, model, optimizer, logger and the batch stream."""
+        saved = load_training(Path(self.resume_from)) if self.resume_from else None
+        if saved is not None:
+            self.cfg = resume_config(saved["config"], self.cfg, Path(self.resume_from))
+        cfg = self.cfg
+        preflight(cfg, self.job)
+        self.info = info = init_distributed()
+        torch.manual_seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        if info.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.micro = micro_batch(cfg, info.world)
+        self.data: DataSetup = setup_data(cfg, info, progress=self.progress and info.is_main)
+        self.cfg = cfg = replace(cfg, model=replace(cfg.model, adapters=self.data.adapters))
+        self.kinds = {t: kind_for_head(h.type, f"model.heads.{t}.type") for t, h in cfg.model.heads.items()}
+        self.losses = {t: kind.loss(cfg.train) for t, kind in self.kinds.items()}
+        self.model, report = self.build_model(fresh=saved is None)
+        self.opt = build_optimizer(self.model, cfg)
+        self.sched = build_scheduler(self.opt, cfg)
+        self.amp = AMP_DTYPES[cfg.train.amp]
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp == "fp16")
+        if saved is not None:
+            self.restore(saved)
+        self.state.start = self.state.step
+        self.meta = {"job": self.job, "tasks": list(cfg.data.datasets), "plans": self.data.plans,
+                     "patch_size": cfg.data.patch_size, "in_channels": cfg.model.encoder.in_channels}
+        self.out = Path(cfg.run.out_dir)
+        self.logger = RunLogger(self.out, enabled=info.is_main, tensorboard=self.tensorboard)
+        self.write_run_files(report)
+        self.freeze_until_release()
+        self.batches = iter(self.make_loader())
+        self.train_mode()
+
+    def build_model(self, fresh: bool):
+        """The model on the run's device, initialised from ``finetune.weights`` for a new fine-tuning run."""
+        cfg, info = self.cfg, self.info
+        model = create_model(cfg)
+        report = None
+        if fresh and self.job == "finetune" and cfg.finetune.weights and cfg.finetune.init != "scratch":
+            report = init_from_weights(model, cfg)
+        if cfg.train.sync_bn and info.distributed and info.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(info.device)
+        if cfg.train.channels_last:
+            model.to(memory_format=torch.channels_last_3d)
+        return model, report
+
+    def restore(self, saved: Dict[str, Any]) -> None:
+        """Weights, optimizer, schedule, scaler, RNG, step and best score from a training checkpoint."""
+        self.model.load_state_dict(saved["model"])
+        ts = saved["train_state"]
+        self.opt.load_state_dict(ts["optimizer"])
+        self.sched.load_state_dict(ts["scheduler"])
         if ts["scaler"]:
-            scaler.load_state_dict(ts["scaler"])
+            self.scaler.load_state_dict(ts["scaler"])
         set_rng_state(ts["rng"])
-        start, best = int(ts["sampler"]["next_step"]), ts["best"]
+        self.state.step, self.state.best = int(ts["sampler"]["next_step"]), ts["best"]
+        if self.state.step > self.cfg.train.iterations:
+            raise Med3DError(f"train.iterations {self.cfg.train.iterations}: the checkpoint is already at iteration "
+                             f"{self.state.step}; a resumed run can only be extended")
 
-    meta = {"job": job, "tasks": list(cfg.data.datasets), "plans": setup.plans, "patch_size": cfg.data.patch_size,
-            "in_channels": cfg.model.encoder.in_channels}
-    logger = RunLogger(out, enabled=info.is_main, tensorboard=tensorboard)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out)
-        write_json_atomic(out / "plans.json", setup.plans)
-        if report:
-            (out / "load_report.txt").write_text(report + "\n")  # load_pretrained has logged it
-
-    freeze = list(cfg.finetune.freeze) if job == "finetune" else []
-    unfreeze_at = cfg.finetune.unfreeze_at
-    frozen = bool(freeze) and (unfreeze_at is None or start < unfreeze_at)
-    if frozen:
-        set_frozen(model, freeze, True)
-    net = _wrap(model, cfg, info)
-    forward = torch.compile(net) if cfg.train.compile else net
-
-    tasks = [t.name for t in setup.tasks]
-    schedule = MixSchedule(tasks, [len(t.cases) for t in setup.tasks], cfg.data.mixing, cfg.data.temperature,
-                           cfg.run.seed)
-    dataset = PatchBatches(setup.tasks, schedule, cfg.data.patch_size, micro, cfg.data.foreground_share,
-                           cfg.data.augment, cfg.run.seed)
-    weights = {t.name: t.loss_weight for t in setup.tasks}
-    cuda = info.device.type == "cuda"
-    loader = make_loader(dataset, start, cfg.train.iterations, info.rank, info.world, cfg.train.accumulate,
-                         cfg.data.workers, pin_memory=cfg.data.pin_memory and cuda,
-                         persistent_workers=cfg.data.persistent_workers)
-    loss_fn = SegLoss(cfg.train.loss, cfg.train.ignore_label)
-    history: List[Dict[str, Any]] = []
-
-    def run_validation(step: int) -> Dict[str, Any]:
-        res = validate(model, setup.val, setup.plans, setup.channels, cfg.data.patch_size, cfg.validation, info, amp)
-        rec = {"kind": "val", "iteration": step, **res}
-        history.append({"iteration": step, "mean_dice": res["mean_dice"],
-                        **{t: e["mean_dice"] for t, e in res["tasks"].items()}})
-        logger.log(rec)
-        metric = res["mean_dice"]
-        if info.is_main and np.isfinite(metric) and (best["metric"] is None or metric > best["metric"]):
-            best.update(metric=metric, iteration=step)
-            save_training(ckpt_dir / "best.pt", model, cfg, meta, step, opt, sched, scaler, best)
-        return res
-
-    def checkpoint(step: int) -> None:
-        if not info.is_main:
+    def write_run_files(self, report: Optional[str]) -> None:
+        if not self.info.is_main:
             return
-        path = save_training(ckpt_dir / f"iter_{step:06d}.pt", model, cfg, meta, step, opt, sched, scaler, best)
-        tmp = ckpt_dir / ".last.pt.tmp"
-        tmp.unlink(missing_ok=True)
-        os.link(path, tmp)  # a second name for the same complete file, moved into place atomically
-        os.replace(tmp, ckpt_dir / "last.pt")
-        prune(ckpt_dir, cfg.train.keep_last)
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_resolved(self.cfg, self.out)
+        write_json_atomic(self.out / "plans.json", self.data.plans)
+        if report:
+            write_text_atomic(self.out / "load_report.txt", report + "\n")  # load_pretrained has logged it
 
-    from tqdm import tqdm
+    def make_loader(self):
+        cfg, info = self.cfg, self.info
+        tasks = self.data.tasks
+        schedule = MixSchedule([t.name for t in tasks], [len(t.cases) for t in tasks], cfg.data.mixing,
+                               cfg.data.temperature, cfg.run.seed)
+        dataset = PatchBatches(tasks, schedule, cfg.data.patch_size, self.micro, cfg.data.foreground_share,
+                               cfg.data.augment, cfg.run.seed)
+        self.loss_weights = {t.name: t.loss_weight for t in tasks}
+        return make_loader(dataset, self.state.step, cfg.train.iterations, info.rank, info.world,
+                           cfg.train.accumulate, cfg.data.workers,
+                           pin_memory=cfg.data.pin_memory and info.device.type == "cuda",
+                           persistent_workers=cfg.data.persistent_workers)
 
-    bar = tqdm(range(start, cfg.train.iterations), initial=start, total=cfg.train.iterations, desc=job,
-               disable=not (progress and info.is_main), unit="it", dynamic_ncols=True)
-    batches = iter(loader)
-    model.train()
-    if frozen:
-        keep_frozen_bn_eval(model, freeze)
-    t0, window, seen, last_val = time.perf_counter(), [], 0, None
-    for step in bar:
-        if frozen and unfreeze_at is not None and step >= unfreeze_at:
-            set_frozen(model, freeze, False)
-            frozen = False
-            net = _wrap(model, cfg, info)  # DDP must see the released parameters
-            forward = torch.compile(net) if cfg.train.compile else net
-        opt.zero_grad(set_to_none=True)
-        step_loss, task = 0.0, ""
+    # ------------------------------------------------------------ freezing and modes
+
+    def freeze_until_release(self) -> None:
+        """Freeze ``finetune.freeze`` unless the run is already past ``unfreeze_at``."""
+        ft = self.cfg.finetune
+        if self.job == "finetune" and ft.freeze and (ft.unfreeze_at is None or self.state.step < ft.unfreeze_at):
+            self.state.frozen = list(ft.freeze)
+            set_frozen(self.model, self.state.frozen, True)
+        self.wrap()
+
+    def release_frozen(self, step: int) -> None:
+        """At ``finetune.unfreeze_at``, let the frozen stages train (weights and BN statistics)."""
+        at = self.cfg.finetune.unfreeze_at
+        if self.state.frozen and at is not None and step >= at:
+            set_frozen(self.model, self.state.frozen, False)
+            self.state.frozen = []
+            self.wrap()  # DDP must see the released parameters
+            self.train_mode()
+
+    def train_mode(self) -> None:
+        """Training mode everywhere except frozen stages, whose BatchNorm keeps its statistics."""
+        self.model.train()
+        set_frozen(self.model, self.state.frozen, True)
+
+    def wrap(self) -> None:
+        """``self.forward``: the model under DDP (several ranks) and ``torch.compile`` when configured."""
+        net: nn.Module = self.model
+        if self.info.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # Each step trains one task's head, so the other heads get no gradient: find_unused_parameters.
+            net = DDP(self.model, device_ids=[self.info.local_rank] if self.info.device.type == "cuda" else None,
+                      find_unused_parameters=True)
+        self.net = net
+        self.forward = torch.compile(net) if self.cfg.train.compile else net
+
+    # ------------------------------------------------------------ one step
+
+    def train_step(self, step: int) -> float:
+        """``train.accumulate`` micro-batches of one task, then one optimizer step; returns the step's loss."""
+        cfg, info = self.cfg, self.info
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
         for a in range(cfg.train.accumulate):
-            batch = next(batches)
+            batch = next(self.batches)
             task = batch["task"]
             x = batch["image"].to(info.device, non_blocking=True)
             y = batch["label"].to(info.device, non_blocking=True)
             if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            sync = contextlib.nullcontext()
-            if info.world > 1 and a < cfg.train.accumulate - 1:
-                sync = net.no_sync()
+            last = a == cfg.train.accumulate - 1
+            sync = self.net.no_sync() if info.distributed and not last else contextlib.nullcontext()
             with sync:
-                with torch.autocast(info.device.type, dtype=amp, enabled=amp is not None):
-                    logits = forward(x, task)
-                loss = loss_fn(logits, y) * weights[task] / cfg.train.accumulate
-                scaler.scale(loss).backward()
-            step_loss += float(loss.detach())
-        if not np.isfinite(step_loss):
-            raise Med3DError(f"loss became {step_loss} at iteration {step} (task {task}); lower train.lr or use "
+                with torch.autocast(info.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    logits = self.forward(x, task)
+                loss = self.losses[task](logits, y) * self.loss_weights[task] / cfg.train.accumulate
+                self.scaler.scale(loss).backward()
+            total += float(loss.detach())
+        if not np.isfinite(total):
+            raise Med3DError(f"loss became {total} at iteration {step} (task {task}); lower train.lr or use "
                              "amp bf16 instead of fp16")
-        if cfg.train.clip_grad:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
-                                           cfg.train.clip_grad)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        seen += cfg.train.batch_size
-        window.append(step_loss)
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.iterations:
-            loss_mean = mean_across(info, float(np.mean(window)))
-            rate = seen / (time.perf_counter() - t0)
-            lr = opt.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-            logger.log({"kind": "train", "iteration": done, "loss": loss_mean, "lr": lr, "samples_per_s": rate,
-                        "task": task})
-            window = []
-        if cfg.validation.every and done % cfg.validation.every == 0 and done < cfg.train.iterations:
-            last_val = run_validation(done)
-        if done % cfg.train.checkpoint_every == 0 and done < cfg.train.iterations:
-            checkpoint(done)
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    final = run_validation(cfg.train.iterations) if start < cfg.train.iterations or last_val is None else last_val
-    checkpoint(cfg.train.iterations)
-    summary = {"job": job, "iterations": cfg.train.iterations, "resumed_from": start or None,
-               "seconds": elapsed, "samples_per_s": seen / max(elapsed, 1e-9), "best": best,
-               "final": final, "history": history, "device": str(info.device), "world_size": info.world}
-    if info.is_main:
-        write_json_atomic(out / "summary.json", summary)
-        plot_curves(out / "metrics.jsonl", out / "curves.png")
-    logger.close()
-    return summary
+        self.optimizer_step()
+        self.state.step, self.state.task = step + 1, task
+        self.state.seen += cfg.train.batch_size
+        return total
+
+    def optimizer_step(self) -> None:
+        if self.cfg.train.clip_grad:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                           self.cfg.train.clip_grad)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+
+    def after_step(self, loss: float) -> None:
+        """Log, validate and checkpoint when their intervals come round (the last step is left to ``end``)."""
+        t, done = self.cfg.train, self.state.step
+        self.state.losses.append(loss)
+        final = done == t.iterations
+        if done % t.log_every == 0 or final:
+            self.log_train()
+        if not final and self.cfg.validation.every and done % self.cfg.validation.every == 0:
+            self.validate()
+        if not final and done % t.checkpoint_every == 0:
+            self.save()
+
+    # ------------------------------------------------------------ log, validate, save
+
+    def log_train(self) -> None:
+        loss = mean_across(self.info, float(np.mean(self.state.losses)))
+        rate = self.state.seen / max(time.perf_counter() - self.clock, 1e-9)
+        lr = self.opt.param_groups[0]["lr"]
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+        self.logger.log({"kind": "train", "iteration": self.state.step, "loss": loss, "lr": lr,
+                         "samples_per_s": rate, "task": self.state.task})
+        self.state.losses = []
+
+    def validate(self) -> Dict[str, Any]:
+        """Score the held-out cases; the best score so far also saves ``best.pt``."""
+        step = self.state.step
+        res = run_validation(self.model, self.data.val, self.data.plans, self.kinds, self.cfg.data.patch_size,
+                             self.cfg.validation, self.info, self.amp)
+        self.logger.log({"kind": "val", "iteration": step, **res})
+        self.state.history.append({"iteration": step, "score": res["score"], "mean_dice": res["mean_dice"],
+                                   **{t: e["score"] for t, e in res["tasks"].items()}})
+        best = self.state.best
+        if np.isfinite(res["score"]) and (best["metric"] is None or res["score"] > best["metric"]):
+            best.update(metric=res["score"], iteration=step)
+            if self.info.is_main:
+                self.save_as(self.out / "checkpoints" / "best.pt")
+        return res
+
+    def save_as(self, path: Path) -> Path:
+        return save_training(path, self.model, self.cfg, self.meta, self.state.step, self.opt, self.sched,
+                             self.scaler, self.state.best)
+
+    def save(self) -> None:
+        """``iter_N.pt``, ``last.pt`` naming it, and pruning to ``train.keep_last`` (rank 0)."""
+        if not self.info.is_main:
+            return
+        folder = self.out / "checkpoints"
+        publish_last(self.save_as(folder / f"iter_{self.state.step:06d}.pt"), folder)
+        prune(folder, self.cfg.train.keep_last)
+
+    # ------------------------------------------------------------ end
+
+    def end(self) -> Dict[str, Any]:
+        """Final validation and checkpoint, ``summary.json`` and ``curves.png``; returns the summary."""
+        self.bar.close()
+        elapsed = time.perf_counter() - self.clock
+        final = self.validate()
+        self.save()
+        summary = {"job": self.job, "iterations": self.cfg.train.iterations,
+                   "resumed_from": self.state.start or None, "seconds": elapsed,
+                   "samples_per_s": self.state.seen / max(elapsed, 1e-9), "best": self.state.best, "final": final,
+                   "history": self.state.history, "device": str(self.info.device), "world_size": self.info.world}
+        if self.info.is_main:
+            write_json_atomic(self.out / "summary.json", summary)
+            plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+        return summary
+
+    def close(self) -> None:
+        """Release the logger and the process group, also after an error."""
+        if getattr(self, "logger", None) is not None:
+            self.logger.close()
+        if getattr(self, "info", None) is not None:
+            cleanup(self.info)
+
+
+def train(cfg: Config, job: str = "pretrain", resume: Optional[str] = None, progress: bool = True,
+          tensorboard: bool = True) -> Dict[str, Any]:
+    """Run a training job (see ``Trainer``); returns the summary.
+
+    Args:
+        cfg: the resolved config (file and overrides); on resume, see ``engine.resume``.
+        job: ``pretrain`` or ``finetune``.
+        resume: a training checkpoint to continue from.
+        progress: show progress bars.
+        tensorboard: also write TensorBoard events.
+
+    Returns:
+        Best and final validation, timing, throughput and the validation history.
+
+    Raises:
+        Med3DError: bad config or data, named in one line.
+    """
+    return Trainer(cfg, job, resume, progress, tensorboard).run()
 
 
 def describe(summary: Dict[str, Any]) -> str:

@@ -1,7 +1,10 @@
 """Task heads, each built from the encoder's ``feature_info`` so any head fits any encoder.
 
 Every head is called as ``head(features, out_size)``: the list of stage features and the
-spatial size of the network input (segmentation heads return logits at that size).
+spatial size of the network input (segmentation heads return logits at that size). A head's
+``__init__`` signature after ``feature_info`` is its declaration (the config keys under
+``model.heads.<task>``), and its ``size_divisibility`` says which input sizes (per axis) give it
+features aligned with the input; ``MultiTaskModel`` pads other sizes up to it.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import HEADS
-from .resnet3d import FeatureInfo
+from .resnet3d import FeatureInfo, Triple, size_divisibility
 
 
 def _resize(logits: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
@@ -26,10 +29,17 @@ class Med3DHead(nn.Module):
     """MedicalNet's segmentation head ``conv_seg``: one 2x transposed conv and two convs on the last stage.
 
     Parameter names (conv_seg.0/1/3/4/6) match MedicalNet's, so its ``conv_seg`` weights load.
+
+    Args:
+        feature_info: the encoder's stages.
+        num_classes: output channels (classes with background).
+        channels: hidden width.
     """
 
     def __init__(self, feature_info: Sequence[FeatureInfo], num_classes: int, channels: int = 32) -> None:
         super().__init__()
+        # Logits come from the last stage; at multiples of its stride they land on the input grid exactly.
+        self.size_divisibility: Triple = size_divisibility(feature_info[-1:])
         cin = feature_info[-1].channels
         self.conv_seg = nn.Sequential(
             nn.ConvTranspose3d(cin, channels, 2, stride=2),
@@ -64,10 +74,17 @@ class UNetDecoder(nn.Module):
     """U-Net style decoder: transposed-conv upsampling from the deepest stage, concatenating each skip.
 
     Meant for the ``strided`` layout; on the ``dilated`` one the stages of equal stride are joined by 1x1x1 convs.
+
+    Args:
+        feature_info: the encoder's stages.
+        num_classes: output channels (classes with background).
+        channels: width of the last, full-resolution block.
     """
 
     def __init__(self, feature_info: Sequence[FeatureInfo], num_classes: int, channels: int = 32) -> None:
         super().__init__()
+        # Each upsampled stage is concatenated with the skip below it: their grids must match exactly.
+        self.size_divisibility: Triple = size_divisibility(feature_info)
         self.ups = nn.ModuleList()
         self.blocks = nn.ModuleList()
         cin = feature_info[-1].channels
@@ -93,10 +110,18 @@ class UNetDecoder(nn.Module):
 
 @HEADS.register("classification")
 class ClassificationHead(nn.Module):
-    """Global average pooling of the last stage and a linear layer (named ``fc`` as in MedicalNet/MONAI)."""
+    """Global average pooling of the last stage and a linear layer (named ``fc`` as in MedicalNet/MONAI).
+
+    Args:
+        feature_info: the encoder's stages.
+        num_classes: number of classes.
+        dropout: dropout probability before ``fc``.
+    """
 
     def __init__(self, feature_info: Sequence[FeatureInfo], num_classes: int, dropout: float = 0.0) -> None:
         super().__init__()
+        # Pooling takes any grid; padding would only average zeros in.
+        self.size_divisibility: Triple = (1, 1, 1)
         self.pool = nn.AdaptiveAvgPool3d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(feature_info[-1].channels, num_classes)

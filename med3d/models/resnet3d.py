@@ -6,18 +6,24 @@ checkpoints load without renaming.
 """
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import Med3DError
-from ..registry import ENCODERS
+from ..registry import ENCODERS, resolved_args
 
 Triple = Tuple[int, int, int]
 IntOr3 = Union[int, Sequence[int]]
+# Argument types double as the config schema (med3d.registry reads them), so choices are Literals.
+Layout = Literal["dilated", "strided"]
+Conv = Literal["3d", "slicewise"]
+Shortcut = Literal["A", "B"]
 
 # depth -> (block, blocks per stage, MedicalNet's shortcut type for its released weights)
 DEPTHS: Dict[int, Tuple[str, List[int], str]] = {
@@ -29,8 +35,12 @@ DEPTHS: Dict[int, Tuple[str, List[int], str]] = {
     152: ("bottleneck", [3, 8, 36, 3], "B"),
     200: ("bottleneck", [3, 24, 36, 3], "B"),
 }
-LAYOUTS = ("dilated", "strided")
-KERNELS = ("3x3x3", "1x3x3")
+LAYOUTS: Tuple[str, ...] = typing.get_args(Layout)
+CONVS: Tuple[str, ...] = typing.get_args(Conv)
+# Before 0.2 the ``conv`` option was called ``kernel`` with these values; old checkpoints, exports and
+# configs still use them (``upgrade_args`` maps them), as does the CLI's ``--kernel`` flag.
+KERNEL_TO_CONV = {"3x3x3": "3d", "1x3x3": "slicewise"}
+KERNELS = tuple(KERNEL_TO_CONV)
 # (stride, dilation) of layer1..layer4 per layout
 _STAGE_PLAN = {
     "dilated": [(1, 1), (2, 1), (1, 2), (1, 4)],
@@ -47,25 +57,59 @@ class FeatureInfo:
     stride: Triple
 
 
-def _spatial(value: int, kernel: str) -> Triple:
-    """Expand a per-axis value; the ``1x3x3`` variant keeps the depth axis at 1 (slice-wise network)."""
-    return (1, value, value) if kernel == "1x3x3" else (value, value, value)
+def size_divisibility(feature_info: Iterable[FeatureInfo]) -> Triple:
+    """Per axis (D, H, W), the least common multiple of the stages' strides.
+
+    Input sizes that are multiples of it give every listed stage an exact grid (size / stride),
+    so upsampled features line up with the skips and the input voxels.
+
+    Args:
+        feature_info: the stages to align (an encoder's ``feature_info`` or part of it).
+
+    Returns:
+        The divisibility per axis; (1, 1, 1) for no stages.
+    """
+    out = (1, 1, 1)
+    for info in feature_info:
+        out = tuple(math.lcm(a, b) for a, b in zip(out, info.stride))  # type: ignore[assignment]
+    return out
 
 
-def _triple(value: IntOr3, kernel: str) -> Triple:
+def upgrade_args(args: Dict[str, Any]) -> Dict[str, Any]:
+    """Encoder arguments written by med3d before 0.2: ``kernel: 3x3x3 | 1x3x3`` is now ``conv: 3d | slicewise``.
+
+    Args:
+        args: encoder arguments from a config, checkpoint or export's metadata.
+
+    Returns:
+        A copy with ``kernel`` replaced by ``conv`` (an unknown old value is kept for validation to name).
+    """
+    if "kernel" not in args:
+        return dict(args)
+    out = {k: v for k, v in args.items() if k != "kernel"}
+    out.setdefault("conv", KERNEL_TO_CONV.get(args["kernel"], args["kernel"]))
+    return out
+
+
+def _spatial(value: int, conv: str) -> Triple:
+    """Expand a per-axis value; the slice-wise variant keeps the depth axis at 1."""
+    return (1, value, value) if conv == "slicewise" else (value, value, value)
+
+
+def _triple(value: IntOr3, conv: str, key: str) -> Triple:
     if isinstance(value, int):
-        return _spatial(value, kernel)
+        return _spatial(value, conv)
     t = tuple(int(v) for v in value)
     if len(t) != 3:
-        raise Med3DError(f"expected an int or 3 values, got {list(value)}")
+        raise Med3DError(f"{key}: expected an int or 3 values (D, H, W), got {list(value)}")
     return t  # type: ignore[return-value]
 
 
-def _conv3(cin: int, cout: int, kernel: str, stride: int = 1, dilation: int = 1) -> nn.Conv3d:
-    k = _spatial(3, kernel)
-    d = _spatial(dilation, kernel)
+def _conv3(cin: int, cout: int, conv: str, stride: int = 1, dilation: int = 1) -> nn.Conv3d:
+    k = _spatial(3, conv)
+    d = _spatial(dilation, conv)
     pad = tuple((ki // 2) * di for ki, di in zip(k, d))
-    return nn.Conv3d(cin, cout, k, stride=_spatial(stride, kernel), padding=pad, dilation=d, bias=False)
+    return nn.Conv3d(cin, cout, k, stride=_spatial(stride, conv), padding=pad, dilation=d, bias=False)
 
 
 class ZeroPadShortcut(nn.Module):
@@ -89,13 +133,13 @@ class ZeroPadShortcut(nn.Module):
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, kernel: str, stride: int = 1, dilation: int = 1,
+    def __init__(self, cin: int, planes: int, conv: str, stride: int = 1, dilation: int = 1,
                  downsample: Optional[nn.Module] = None) -> None:
         super().__init__()
-        self.conv1 = _conv3(cin, planes, kernel, stride, dilation)
+        self.conv1 = _conv3(cin, planes, conv, stride, dilation)
         self.bn1 = nn.BatchNorm3d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3(planes, planes, kernel, 1, dilation)
+        self.conv2 = _conv3(planes, planes, conv, 1, dilation)
         self.bn2 = nn.BatchNorm3d(planes)
         self.downsample = downsample
 
@@ -109,12 +153,12 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, kernel: str, stride: int = 1, dilation: int = 1,
+    def __init__(self, cin: int, planes: int, conv: str, stride: int = 1, dilation: int = 1,
                  downsample: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(cin, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm3d(planes)
-        self.conv2 = _conv3(planes, planes, kernel, stride, dilation)
+        self.conv2 = _conv3(planes, planes, conv, stride, dilation)
         self.bn2 = nn.BatchNorm3d(planes)
         self.conv3 = nn.Conv3d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm3d(planes * 4)
@@ -132,71 +176,82 @@ class Bottleneck(nn.Module):
 class ResNet3D(nn.Module):
     """3D ResNet encoder returning the features of the stem and of layer1..layer4.
 
+    The signature is the encoder's declaration: the registry reads these arguments, types and
+    defaults, and the config schema (``model.encoder``) and export metadata follow from them.
+
     Args:
-        depth: 10, 18, 34 (basic blocks) or 50, 101, 152, 200 (bottlenecks).
+        depth: 10, 18, 34 (basic blocks) or 50, 101, 152, 200 (bottlenecks); fixed by the registered name.
         in_channels: number of input channels (modalities).
         layout: ``dilated`` (Med3D: output stride 8, layer3/4 dilated 2/4) or
             ``strided`` (output stride 32, for U-Net skips; MONAI's layout).
-        kernel: ``3x3x3`` or ``1x3x3`` (slice-wise: every kernel, stride and pool is 1 along depth,
-            so 2D ImageNet kernels fit unchanged).
+        conv: ``3d`` (3x3x3 convolutions) or ``slicewise`` (every kernel, stride and pool is 1 along
+            depth: 1x3x3 convs, 1x7x7 stem, so a 2D ImageNet ResNet's kernels fit unchanged and the
+            network computes the 2D network on every slice). Called ``kernel: 3x3x3 | 1x3x3`` before 0.2.
         shortcut: ``A`` (parameter-free) or ``B`` (1x1x1 conv + BN); None picks MedicalNet's per depth.
-        stem_kernel, stem_stride: first conv kernel and stride (int or 3 values).
+        stem_kernel, stem_stride: first conv kernel and stride (int or 3 values, D, H, W).
         downsample_bias: bias on the type-B shortcut conv (MONAI's ``bias_downsample``).
         widths: channels of the four stages before the bottleneck expansion.
+
+    Raises:
+        Med3DError: an argument is out of range, naming it.
     """
 
-    def __init__(self, depth: int = 18, in_channels: int = 1, layout: str = "dilated", kernel: str = "3x3x3",
-                 shortcut: Optional[str] = None, stem_kernel: IntOr3 = 7, stem_stride: IntOr3 = 2,
+    def __init__(self, depth: int = 18, in_channels: int = 1, layout: Layout = "dilated", conv: Conv = "3d",
+                 shortcut: Optional[Shortcut] = None, stem_kernel: IntOr3 = 7, stem_stride: IntOr3 = 2,
                  downsample_bias: bool = False, widths: Sequence[int] = (64, 128, 256, 512)) -> None:
         super().__init__()
-        if depth not in DEPTHS:
-            raise Med3DError(f"unknown ResNet depth {depth}; choose one of {sorted(DEPTHS)}")
-        if layout not in LAYOUTS:
-            raise Med3DError(f"unknown layout '{layout}'; choose one of {', '.join(LAYOUTS)}")
-        if kernel not in KERNELS:
-            raise Med3DError(f"unknown kernel '{kernel}'; choose one of {', '.join(KERNELS)}")
+        _check_args(depth, in_channels, layout, conv, shortcut, widths)
         block_name, blocks, default_shortcut = DEPTHS[depth]
         shortcut = shortcut or default_shortcut
-        if shortcut not in ("A", "B"):
-            raise Med3DError(f"unknown shortcut type '{shortcut}'; choose A or B")
-        if in_channels < 1:
-            raise Med3DError(f"in_channels must be at least 1, got {in_channels}")
-        block = BasicBlock if block_name == "basic" else Bottleneck
-        sk, ss = _triple(stem_kernel, kernel), _triple(stem_stride, kernel)
-        # Init arguments, kept so a checkpoint or export can rebuild the encoder rather than unpickle it.
-        self.config = dict(arch=f"resnet{depth}", in_channels=in_channels, layout=layout, kernel=kernel,
-                           shortcut=shortcut, stem_kernel=list(sk), stem_stride=list(ss),
-                           downsample_bias=downsample_bias, widths=list(widths))
-        self.depth, self.in_channels, self.kernel = depth, in_channels, kernel
+        stem_kernel = _triple(stem_kernel, conv, "stem_kernel")
+        stem_stride = _triple(stem_stride, conv, "stem_stride")
+        # The resolved init arguments, so a checkpoint or export rebuilds the encoder rather than unpickling it.
+        self.config: Dict[str, Any] = {"arch": f"resnet{depth}",
+                                       **resolved_args(ResNet3D, locals(), skip=("depth",))}
+        self.depth, self.in_channels, self.conv = depth, in_channels, conv
 
-        self.conv1 = nn.Conv3d(in_channels, widths[0], sk, stride=ss, padding=tuple(k // 2 for k in sk), bias=False)
+        sk = stem_kernel
+        self.conv1 = nn.Conv3d(in_channels, widths[0], sk, stride=stem_stride, padding=tuple(k // 2 for k in sk),
+                               bias=False)
         self.bn1 = nn.BatchNorm3d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        pool_k = _spatial(3, kernel)
-        self.maxpool = nn.MaxPool3d(pool_k, stride=_spatial(2, kernel), padding=tuple(k // 2 for k in pool_k))
+        pool_k = _spatial(3, conv)
+        self.maxpool = nn.MaxPool3d(pool_k, stride=_spatial(2, conv), padding=tuple(k // 2 for k in pool_k))
+        self.feature_info: List[FeatureInfo] = [FeatureInfo("stem", widths[0], stem_stride)]
+        self._add_stages(BasicBlock if block_name == "basic" else Bottleneck, blocks, layout, conv, shortcut,
+                         downsample_bias, widths)
+        self.out_channels = self.feature_info[-1].channels
+        self._init_weights()
 
-        stride: Triple = ss
-        self.feature_info: List[FeatureInfo] = [FeatureInfo("stem", widths[0], stride)]
-        stride = tuple(a * b for a, b in zip(stride, _spatial(2, kernel)))  # max-pool
+    def _add_stages(self, block: type, blocks: List[int], layout: str, conv: str, shortcut: str,
+                    downsample_bias: bool, widths: Sequence[int]) -> None:
+        """layer1..layer4 with the layout's strides and dilations, each recorded in ``feature_info``."""
+        stride = tuple(a * b for a, b in zip(self.feature_info[0].stride, _spatial(2, conv)))  # max-pool
         cin = widths[0]
         for i, ((s, d), planes) in enumerate(zip(_STAGE_PLAN[layout], widths)):
             cout = planes * block.expansion
             down: Optional[nn.Module] = None
             if s != 1 or cin != cout:
                 if shortcut == "A":
-                    down = ZeroPadShortcut(cout, _spatial(s, kernel))
+                    down = ZeroPadShortcut(cout, _spatial(s, conv))
                 else:
-                    down = nn.Sequential(
-                        nn.Conv3d(cin, cout, 1, stride=_spatial(s, kernel), bias=downsample_bias),
-                        nn.BatchNorm3d(cout))
-            layers = [block(cin, planes, kernel, s, d, down)]
-            layers += [block(cout, planes, kernel, 1, d) for _ in range(1, blocks[i])]
+                    down = nn.Sequential(nn.Conv3d(cin, cout, 1, stride=_spatial(s, conv), bias=downsample_bias),
+                                         nn.BatchNorm3d(cout))
+            layers = [block(cin, planes, conv, s, d, down)]
+            layers += [block(cout, planes, conv, 1, d) for _ in range(1, blocks[i])]
             self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
-            stride = tuple(a * b for a, b in zip(stride, _spatial(s, kernel)))
+            stride = tuple(a * b for a, b in zip(stride, _spatial(s, conv)))
             self.feature_info.append(FeatureInfo(f"layer{i + 1}", cout, stride))  # type: ignore[arg-type]
             cin = cout
-        self.out_channels = cin
-        self._init_weights()
+
+    @property
+    def size_divisibility(self) -> Triple:
+        """Per axis (D, H, W): input sizes that are multiples of this give every stage an exact grid.
+
+        The encoder itself runs at any size; heads that join or upsample stages ask for this
+        (see ``MultiTaskModel.size_divisibility``).
+        """
+        return size_divisibility(self.feature_info)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -226,13 +281,22 @@ class ResNet3D(nn.Module):
         return feats
 
 
-def _register(depth: int) -> None:
-    def build(**kw) -> ResNet3D:
-        return ResNet3D(depth=depth, **kw)
-
-    build.__doc__ = f"3D ResNet-{depth} encoder (see ResNet3D for arguments)."
-    ENCODERS.register(f"resnet{depth}")(build)
+def _check_args(depth: int, in_channels: int, layout: str, conv: str, shortcut: Optional[str],
+                widths: Sequence[int]) -> None:
+    """One-line errors for arguments out of range (a config has checked the types already)."""
+    if depth not in DEPTHS:
+        raise Med3DError(f"unknown ResNet depth {depth}; choose one of {sorted(DEPTHS)}")
+    if layout not in LAYOUTS:
+        raise Med3DError(f"unknown layout '{layout}'; choose one of {', '.join(LAYOUTS)}")
+    if conv not in CONVS:
+        raise Med3DError(f"unknown conv '{conv}'; choose one of {', '.join(CONVS)}")
+    if shortcut not in (None, "A", "B"):
+        raise Med3DError(f"unknown shortcut type '{shortcut}'; choose A or B")
+    if in_channels < 1:
+        raise Med3DError(f"in_channels must be at least 1, got {in_channels}")
+    if len(widths) != 4 or min(widths) < 1:
+        raise Med3DError(f"widths must be 4 positive channel counts (one per stage), got {list(widths)}")
 
 
 for _d in DEPTHS:
-    _register(_d)
+    ENCODERS.register(f"resnet{_d}", upgrade=upgrade_args, depth=_d)(ResNet3D)

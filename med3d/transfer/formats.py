@@ -11,7 +11,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -135,6 +135,8 @@ def read_weights(path: str | Path, source: str = "auto") -> Weights:
     if _is_safetensors(path):
         sd, meta = _safetensors_load(path)
         metadata: Dict[str, Any] = {k: _maybe_json(v) for k, v in meta.items()}
+        if metadata.get("format") == "med3d":
+            metadata = upgrade_metadata(metadata)
         detected = "med3d" if metadata.get("format") == "med3d" else detect_source(sd)
         return Weights(sd, detected if source == "auto" else source, metadata)
     obj = _torch_load(path)
@@ -149,6 +151,30 @@ def read_weights(path: str | Path, source: str = "auto") -> Weights:
     return Weights(sd, detected if source == "auto" else source, meta, config)
 
 
+def upgrade_metadata(metadata: Mapping[str, Any]) -> Dict[str, Any]:
+    """med3d export metadata written by older versions, in today's names.
+
+    A bare ``spacing`` becomes ``spacing_zyx`` (med3d has always kept spacings as z, y, x; the key
+    now says so), and the encoder's ``kernel: 3x3x3 | 1x3x3`` becomes ``conv: 3d | slicewise``.
+
+    Args:
+        metadata: decoded metadata of a med3d export.
+
+    Returns:
+        An upgraded copy (unchanged when already current).
+    """
+    out = dict(metadata)
+    if "spacing" in out:
+        legacy = out.pop("spacing")
+        out.setdefault("spacing_zyx", legacy)
+    enc = out.get("encoder")
+    if isinstance(enc, dict):
+        from ..models.resnet3d import upgrade_args
+
+        out["encoder"] = upgrade_args(enc)
+    return out
+
+
 def _maybe_json(text: str) -> Any:
     try:
         return json.loads(text)
@@ -157,7 +183,10 @@ def _maybe_json(text: str) -> Any:
 
 
 def describe_state_dict(sd: StateDict) -> Dict[str, Any]:
-    """What ResNet a state dict holds: arch, block type, shortcut, kernel, input channels (best effort)."""
+    """What ResNet a state dict holds: arch, dims, shortcut, conv (3D: ``3d`` | ``slicewise``), input channels.
+
+    Best effort, from key names and shapes only.
+    """
     sd = {k: v for k, v in sd.items() if not k.startswith(("conv_seg.", "fc.", "heads.", "encoder."))} or \
         strip_prefix({k: v for k, v in sd.items() if k.startswith("encoder.")}, "encoder.")
     conv1 = sd.get("conv1.weight")
@@ -182,7 +211,7 @@ def describe_state_dict(sd: StateDict) -> Dict[str, Any]:
         "width": int(conv1.shape[0]),
     }
     if w3 is not None and w3.ndim == 5:
-        info["kernel"] = "1x3x3" if w3.shape[2] == 1 else "x".join(str(s) for s in w3.shape[2:])
+        info["conv"] = "slicewise" if w3.shape[2] == 1 else "3d"
     return info
 
 

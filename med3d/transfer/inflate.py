@@ -10,7 +10,8 @@ from ..errors import Med3DError
 MODES = ("1x3x3", "i3d", "center")
 
 
-def inflate_kernel(weight: torch.Tensor, mode: str, depth: Optional[int] = None) -> torch.Tensor:
+def inflate_kernel(weight: torch.Tensor, mode: str, depth: Optional[int] = None,
+                   name: str = "weight") -> torch.Tensor:
     """Inflate one conv kernel (O, I, kh, kw) to (O, I, kd, kh, kw).
 
     ``1x3x3``: kd = 1, the 2D kernel unchanged (a slice-wise network).
@@ -18,9 +19,13 @@ def inflate_kernel(weight: torch.Tensor, mode: str, depth: Optional[int] = None)
     gives the 2D response (Carreira & Zisserman's I3D bootstrapping).
     ``center``: the 2D kernel in the centre slice, zeros elsewhere (same property, no mixing across slices).
     ``depth`` defaults to the in-plane size (3x3 -> 3x3x3, 7x7 -> 7x7x7); 1x1 kernels stay 1x1x1.
+    ``name`` (the state-dict key) names the tensor in errors.
+
+    Raises:
+        Med3DError: ``weight`` is not 4D, or ``mode`` is unknown.
     """
     if weight.ndim != 4:
-        raise ValueError(f"expected a 2D conv kernel (O, I, kh, kw), got shape {tuple(weight.shape)}")
+        raise Med3DError(f"{name}: expected a 2D conv kernel (O, I, kh, kw), got shape {tuple(weight.shape)}")
     if mode not in MODES:
         raise Med3DError(f"unknown inflation mode '{mode}'; choose one of {', '.join(MODES)}")
     kd = 1 if mode == "1x3x3" or weight.shape[-1] == 1 else (depth or weight.shape[-1])
@@ -45,6 +50,6 @@ def inflate_state_dict(sd2d: Dict[str, torch.Tensor], mode: str = "1x3x3",
         if key.startswith("fc."):
             continue
         if value.ndim == 4:
-            value = inflate_kernel(value, mode, stem_depth if key == "conv1.weight" else depth)
+            value = inflate_kernel(value, mode, stem_depth if key == "conv1.weight" else depth, name=key)
         out[key] = value.clone()
     return out

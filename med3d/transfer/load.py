@@ -80,7 +80,7 @@ def _target_key(key: str, prefix: str, seg_task: Optional[str]) -> Optional[str]
 def _prepare(weights: Weights, encoder: ResNet3D, report: LoadReport) -> StateDict:
     sd = weights.state_dict
     if weights.source == "torchvision":
-        mode = "1x3x3" if encoder.kernel == "1x3x3" else "i3d"
+        mode = "1x3x3" if encoder.conv == "slicewise" else "i3d"
         depth = encoder.layer1[0].conv2.weight.shape[2] if hasattr(encoder.layer1[0], "conv3") \
             else encoder.layer1[0].conv1.weight.shape[2]
         sd = inflate_state_dict(sd, mode, depth=depth, stem_depth=encoder.conv1.weight.shape[2])
@@ -94,8 +94,8 @@ def load_pretrained(module: nn.Module, path: Union[str, Path, Weights], source: 
 
     Reads med3d exports and checkpoints, MedicalNet checkpoints (``state_dict`` with ``module.``
     keys, with or without ``conv_seg``), MONAI ResNet state dicts, torchvision 2D ResNets
-    (inflated on the fly to the encoder's kernel) and plain state dicts. A first conv with a
-    different channel count is adapted (``adapt_input_conv``). With ``strict`` (default) any
+    (inflated on the fly: ``1x3x3`` for a slice-wise encoder, ``i3d`` otherwise) and plain state
+    dicts. A first conv with a different channel count is adapted (``adapt_input_conv``). With ``strict`` (default) any
     missing or mismatched encoder tensor aborts the load with one line comparing the file's
     architecture to the model's, and nothing is loaded; heads the file lacks are reported as new.
     """

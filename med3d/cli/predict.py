@@ -4,17 +4,17 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Dict
 
-from .errors import Med3DError
+from ..errors import Med3DError
+from ._common import Subparsers
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def _predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .data.image import image_suffix, read_channels, write_image
-    from .inference import Predictor, collect_inputs
-    from .preview import save_preview
+    from ..data.image import image_suffix, read_channels, write_image
+    from ..inference import Predictor, collect_inputs
+    from ..preview import save_preview
 
     predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
     task = predictor.task(args.task)
@@ -31,7 +31,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 raise Med3DError(f"{target}: already exists; pass --overwrite to replace it")
             image = read_channels(files)
             pred = predictor(image, task, overlap=args.overlap, mirror=args.mirror, sw_batch_size=args.sw_batch,
-                             where=str(files[0]))
+                             where=str(files[0]), probabilities=args.probabilities)
             write_image(target, pred.labels, pred.geometry, overwrite=args.overwrite)
             if args.probabilities:
                 write_image(out / f"{case_id}_probs.nii.gz", pred.probabilities.astype("float32"), pred.geometry,
@@ -46,8 +46,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import FIELDS, dice_boxplot, evaluate_folders, summarize, write_csv
+def _fmt(v: float) -> str:
+    return "   nan" if not math.isfinite(v) else f"{v:6.3f}"
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ..evaluate import FIELDS, dice_boxplot, evaluate_folders, summarize, write_csv
 
     rows, problems = evaluate_folders(Path(args.pred), Path(args.ref), args.classes, args.tolerance,
                                       progress=not args.quiet)
@@ -61,21 +65,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     write_csv(out / "summary.csv", summary)
     if not args.no_plot:
         dice_boxplot(rows, out / "dice_boxplot.png")
-
-    def f(v: float) -> str:
-        return "   nan" if not math.isfinite(v) else f"{v:6.3f}"
-
     print(f"{'class':<24} {'cases':>5} {'Dice mean':>9} {'std':>6} {'median':>6} {'HD95 mm':>8} "
           f"{'NSD@' + str(args.tolerance) + 'mm':>10}")
     for s in summary:
-        print(f"{s['label']:<24} {s['cases']:>5} {f(s['dice_mean']):>9} {f(s['dice_std']):>6} "
-              f"{f(s['dice_median']):>6} {f(s['hd95_mm_mean']):>8} {f(s['nsd_mean']):>10}")
+        print(f"{s['label']:<24} {s['cases']:>5} {_fmt(s['dice_mean']):>9} {_fmt(s['dice_std']):>6} "
+              f"{_fmt(s['dice_median']):>6} {_fmt(s['hd95_mm_mean']):>8} {_fmt(s['nsd_mean']):>10}")
     print(f"per-case metrics in {out / 'metrics.csv'}, summary in {out / 'summary.csv'}")
     return 1 if problems else 0
 
 
-def add_parsers(sub) -> Dict[str, object]:
-    handlers: Dict[str, object] = {}
+def add_predict(sub: Subparsers) -> None:
+    """Add ``med3d predict``.
+
+    Args:
+        sub: the subcommands of the ``med3d`` parser.
+    """
     p = sub.add_parser("predict", help="segment new scans; label maps in the scans' own geometry")
     p.add_argument("checkpoint", help="med3d checkpoint (from pretrain / finetune)")
     p.add_argument("inputs", nargs="+", help="image files (NIfTI, NRRD, MHA), DICOM series folders, image "
@@ -90,8 +94,15 @@ def add_parsers(sub) -> Dict[str, object]:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true")
-    handlers["predict"] = cmd_predict
+    p.set_defaults(handler=_predict)
 
+
+def add_evaluate(sub: Subparsers) -> None:
+    """Add ``med3d evaluate``.
+
+    Args:
+        sub: the subcommands of the ``med3d`` parser.
+    """
     p = sub.add_parser("evaluate", help="Dice / HD95 / surface Dice of predictions against references")
     p.add_argument("pred", help="folder of predicted label maps")
     p.add_argument("ref", help="folder of reference label maps, or a dataset folder (labelsTr, label names)")
@@ -100,5 +111,4 @@ def add_parsers(sub) -> Dict[str, object]:
     p.add_argument("--out", help="where metrics.csv, summary.csv and the box plot go (default: PRED)")
     p.add_argument("--no-plot", action="store_true", help="skip the Dice box plot")
     p.add_argument("--quiet", action="store_true")
-    handlers["evaluate"] = cmd_evaluate
-    return handlers
+    p.set_defaults(handler=_evaluate)

@@ -7,9 +7,10 @@ atomically, so a killed run leaves the previous ``last.pt`` intact.
 """
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ def rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured."""
     random.setstate((3, tuple(state["python"]), state["python_gauss"]))
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
@@ -45,6 +47,20 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def save_training(path: Path, model: MultiTaskModel, cfg: Config, meta: Dict[str, Any], iteration: int,
                   optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
                   best: Dict[str, Any]) -> Path:
+    """Write a resumable checkpoint atomically; returns its path.
+
+    Args:
+        path: the file to write.
+        model: the multi-task model (not a DDP wrapper).
+        cfg: the resolved config the run uses.
+        meta: the input contract (tasks, plans, patch size, channels).
+        iteration: optimizer steps done.
+        optimizer, scheduler, scaler: their states are stored.
+        best: the best validation score so far and its iteration.
+
+    Returns:
+        ``path``.
+    """
     train_state = {"iteration": iteration, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state(),
                    "sampler": {"next_step": iteration, "seed": cfg.run.seed}, "best": best}
@@ -70,6 +86,10 @@ def prune(folder: Path, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def latest(folder: Path) -> Optional[Path]:
-    last = folder / "last.pt"
-    return last if last.is_file() else None
+def publish_last(saved: Path, folder: Path) -> Path:
+    """Make ``folder/last.pt`` name the complete file ``saved`` (a hard link renamed into place, atomic)."""
+    tmp = folder / ".last.pt.tmp"
+    tmp.unlink(missing_ok=True)
+    os.link(saved, tmp)
+    os.replace(tmp, folder / "last.pt")
+    return folder / "last.pt"

@@ -1,7 +1,9 @@
 """From the config's ``data`` section to training tasks, validation cases and plans.
 
-Every dataset is checked, planned and prepared (rank 0; the others wait and read the cache),
-then split into training and held-out validation cases with a seeded shuffle.
+A prepared cache is a precondition of training: a single-process run prepares it first (check,
+plan, preprocess; a no-op when it is current); under torchrun every rank only checks that
+``med3d prepare`` finished it before the ranks started, so no rank waits on another's
+preprocessing. Each dataset is then split into training and held-out cases with a seeded shuffle.
 """
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..config import Config
-from ..data.cache import CachedCase, load_cache, prepare_dataset
+from ..data.cache import CachedCase, check_prepared, load_cache, prepare_dataset
+from ..data.datalist import read_dataset
 from ..data.sampler import TaskData
 from ..errors import Med3DError
-from .distributed import DistInfo, barrier
+from .distributed import DistInfo
 
 
 @dataclass
@@ -80,22 +83,55 @@ def _split(cases: List[CachedCase], cfg: Config, task: str):
     return train, val
 
 
+def ensure_prepared(cfg: Config, prepare: bool, progress: bool = True) -> Dict[str, Path]:
+    """Each task's cache folder, preparing it first when ``prepare`` (else only checking it is complete).
+
+    Args:
+        cfg: the run's config (datasets, cache folder, per-dataset plan overrides).
+        prepare: prepare missing or stale cases (single process); False: refuse them (DDP ranks).
+        progress: show progress bars while preparing.
+
+    Returns:
+        ``{task: cache folder}``.
+
+    Raises:
+        Med3DError: a dataset fails to prepare, or (without ``prepare``) is not prepared.
+    """
+    folders = {}
+    for task, entry in cfg.data.datasets.items():
+        overrides = dict(descriptor=entry.descriptor, spacing=entry.spacing, normalization=entry.normalization)
+        if not prepare:
+            folders[task] = check_prepared(entry.path, cfg.data.cache_dir, **overrides)
+            continue
+        result = prepare_dataset(entry.path, cfg.data.cache_dir, workers=cfg.data.workers, progress=progress,
+                                 check=cfg.data.check, **overrides)
+        if result.failed:
+            raise Med3DError(f"dataset {entry.path}: {len(result.failed)} case(s) failed to prepare; first: "
+                             f"{result.failed[0]}")
+        folders[task] = result.folder
+    return folders
+
+
 def setup_data(cfg: Config, info: DistInfo, progress: bool = True) -> DataSetup:
-    """Prepare every dataset (rank 0), then build tasks and the validation split on every rank."""
+    """Make sure every dataset is prepared, then build tasks and the validation split on every rank.
+
+    Args:
+        cfg: the run's config.
+        info: the process's rank and world size (more than one rank: the cache must be ready).
+        progress: show progress bars while preparing.
+
+    Returns:
+        Training tasks, held-out cases, plans, channel selections and the input adapters needed.
+
+    Raises:
+        Med3DError: a dataset or head does not fit, or the cache is not ready.
+    """
     check_tasks(cfg)
-    cache = Path(cfg.data.cache_dir)
-    if info.is_main:
-        for task, entry in cfg.data.datasets.items():
-            result = prepare_dataset(entry.path, cache, workers=cfg.data.workers, progress=progress,
-                                     descriptor=entry.descriptor, spacing=entry.spacing,
-                                     normalization=entry.normalization, check=cfg.data.check)
-            if result.failed:
-                raise Med3DError(f"dataset {entry.path}: {len(result.failed)} case(s) failed to prepare; first: "
-                                 f"{result.failed[0]}")
-    barrier(info)
+    folders = ensure_prepared(cfg, prepare=info.world == 1, progress=progress and info.is_main)
     tasks, val, plans, channels, adapters = [], {}, {}, {}, {}
     for task, entry in cfg.data.datasets.items():
-        plan, cases = load_cache(cache / Path(entry.path).resolve().name)
+        declared = [c.case_id for c in read_dataset(entry.path).cases]
+        plan, cases = load_cache(folders[task], declared)
         n_labels = len(plan["labels"])
         if cfg.model.heads[task].num_classes != n_labels:
             raise Med3DError(f"model.heads.{task}.num_classes is {cfg.model.heads[task].num_classes} but dataset "

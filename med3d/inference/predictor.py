@@ -1,46 +1,62 @@
-"""Prediction on new scans, returned and written in the scan's own geometry.
+"""Prediction on new scans, returned in the scan's own geometry.
 
-Each scan goes through the plan stored in the checkpoint (crop, normalise, resample), MONAI
-sliding-window inference with Gaussian blending (optionally averaged over mirrored copies),
-then back: class probabilities resampled to the cropped grid, un-cropped into the full grid,
-and the label map written with the input's shape, spacing, origin and direction.
+Each scan goes through the plan stored in the checkpoint (crop, normalise, resample), sliding-
+window inference with Gaussian blending (optionally averaged over mirrored copies), then back
+to the input grid (``restore``): the label map always, full-size probabilities only on request.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .data.image import Geometry, Image, read_channels
-from .data.preprocess import preprocess, restore_probabilities
-from .engine.validate import sliding_window
-from .errors import Med3DError
-from .models.multitask import MultiTaskModel
+from ..data.image import Geometry, Image, read_channels
+from ..data.preprocess import preprocess
+from ..errors import Med3DError
+from ..models.multitask import MultiTaskModel
+from .restore import restore_labels, restore_probabilities
+from .window import softmax_tta
 
 PathLike = Union[str, Path]
+DEFAULT_PATCH = [64, 64, 64]
 
 
 @dataclass
 class Prediction:
+    """One scan's prediction on its own grid."""
+
     labels: np.ndarray  # (Z, Y, X) integer label map on the input grid
-    probabilities: np.ndarray  # (K, Z, Y, X) softmax on the input grid
+    probabilities: Optional[np.ndarray]  # (K, Z, Y, X) softmax on the input grid, when asked for
     geometry: Geometry
     task: str
 
 
 @dataclass
 class Predictor:
+    """A model in eval mode with the plans and window it was trained with."""
+
     model: MultiTaskModel
     meta: Dict[str, Any]
     device: torch.device
 
     @classmethod
     def from_checkpoint(cls, path: PathLike, device: Optional[str] = None) -> "Predictor":
-        from .checkpoint import load_checkpoint
+        """Rebuild the model of a med3d training checkpoint.
+
+        Args:
+            path: a checkpoint written by ``med3d pretrain`` / ``finetune``.
+            device: ``cpu`` or ``cuda``; None picks CUDA when available.
+
+        Returns:
+            The predictor.
+
+        Raises:
+            Med3DError: the file is no med3d checkpoint or carries no preprocessing plan.
+        """
+        from ..checkpoint import load_checkpoint
 
         model, _, meta = load_checkpoint(path)
         if not meta.get("plans"):
@@ -50,6 +66,7 @@ class Predictor:
         return cls(model.to(dev).eval(), meta, dev)
 
     def task(self, task: Optional[str]) -> str:
+        """The task to predict: ``task`` checked against the checkpoint, or its only task."""
         tasks = list(self.meta["plans"])
         if task is None:
             if len(tasks) != 1:
@@ -73,9 +90,26 @@ class Predictor:
         raise Med3DError(f"{where}: {image.channels} channel(s), but task {task} was trained on {want} "
                          f"({', '.join(plan['channel_names'])})")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, image: Image, task: Optional[str] = None, overlap: float = 0.5, mirror: bool = False,
-                 sw_batch_size: int = 2, where: str = "input") -> Prediction:
+                 sw_batch_size: int = 2, where: str = "input", probabilities: bool = False) -> Prediction:
+        """Segment one scan.
+
+        Args:
+            image: the scan, ``(C, Z, Y, X)`` with its geometry.
+            task: which head (None: the checkpoint's only task).
+            overlap: sliding-window overlap in [0, 1).
+            mirror: average over the 8 mirrored copies (test-time augmentation).
+            sw_batch_size: windows per forward pass.
+            where: how errors name the scan (its path).
+            probabilities: also return full-size class probabilities (K float32 volumes).
+
+        Returns:
+            The prediction on the scan's own grid.
+
+        Raises:
+            Med3DError: the scan's channel count does not fit the task.
+        """
         task = self.task(task)
         plan = self._plan_for(image, task, where)
         data, _, props = preprocess(image, None, plan)
@@ -83,24 +117,26 @@ class Predictor:
             data = data[plan["channels"]]
         x = torch.from_numpy(np.ascontiguousarray(data))[None].to(self.device)
         amp = torch.bfloat16 if self.device.type == "cuda" else None
-        patch = self.meta.get("patch_size") or [64, 64, 64]
-        axes_sets = [()] + ([c for r in (1, 2, 3) for c in itertools.combinations((2, 3, 4), r)] if mirror else [])
-        probs = None
-        for axes in axes_sets:
-            xin = torch.flip(x, axes) if axes else x
-            logits = sliding_window(self.model, xin, task, patch, overlap, sw_batch_size, amp)
-            p = torch.softmax(logits, 1)
-            p = torch.flip(p, axes) if axes else p
-            probs = p if probs is None else probs + p
-        probs = (probs / len(axes_sets))[0].cpu().numpy()
-        full = restore_probabilities(probs, props, plan)
-        labels = full.argmax(0).astype(np.uint8 if full.shape[0] < 256 else np.int16)
+        patch = self.meta.get("patch_size") or DEFAULT_PATCH
+        probs = softmax_tta(self.model, x, task, patch, overlap, sw_batch_size, amp, mirror)[0].cpu().numpy()
+        labels = restore_labels(probs, props, plan)
+        full = restore_probabilities(probs, props, plan) if probabilities else None
         return Prediction(labels, full, image.geometry, task)
 
 
 def predict(model_or_checkpoint: Union[PathLike, Predictor], image: Union[PathLike, Sequence[PathLike], Image],
             task: Optional[str] = None, **kw: Any) -> Prediction:
-    """Segment one scan (a path, per-channel paths, a DICOM folder or an ``Image``); for notebooks."""
+    """Segment one scan (a path, per-channel paths, a DICOM folder or an ``Image``); for notebooks.
+
+    Args:
+        model_or_checkpoint: a checkpoint path or a ``Predictor`` (reuse it for many scans).
+        image: the scan.
+        task: which head (None: the only one).
+        **kw: ``Predictor.__call__`` options (overlap, mirror, sw_batch_size, probabilities).
+
+    Returns:
+        The prediction on the scan's own grid.
+    """
     predictor = model_or_checkpoint if isinstance(model_or_checkpoint, Predictor) \
         else Predictor.from_checkpoint(model_or_checkpoint)
     if not isinstance(image, Image):
@@ -108,32 +144,3 @@ def predict(model_or_checkpoint: Union[PathLike, Predictor], image: Union[PathLi
         image = read_channels(paths)
         kw.setdefault("where", str(paths[0]))
     return predictor(image, task, **kw)
-
-
-def collect_inputs(inputs: Sequence[PathLike]) -> List[Tuple[str, List[Path]]]:
-    """``(case_id, files)`` for files, DICOM series folders, plain image folders and dataset folders."""
-    from .data.datalist import cases_from_folder, read_dataset
-    from .data.image import strip_suffix
-
-    out: List[Tuple[str, List[Path]]] = []
-    for raw in inputs:
-        path = Path(raw)
-        if not path.exists():
-            out.append((path.name, [path]))  # reported as missing when read
-        elif path.is_dir() and (path / "dataset.json").is_file():
-            info = read_dataset(path)
-            cases = info.test_cases or info.cases
-            out += [(c.case_id, list(c.images)) for c in cases]
-        elif path.is_dir() and _is_dicom_series(path):
-            out.append((path.name, [path]))
-        elif path.is_dir():
-            out += [(c.case_id, list(c.images)) for c in cases_from_folder(path)]
-        else:
-            out.append((strip_suffix(path), [path]))
-    return out
-
-
-def _is_dicom_series(folder: Path) -> bool:
-    import SimpleITK as sitk
-
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))

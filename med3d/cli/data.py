@@ -1,0 +1,129 @@
+"""Data subcommands: demo-data, check-data, prepare."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import Med3DError
+from ._common import Subparsers, add_config_args
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from ..data.demo import TASK_NAMES, write_demo_data
+
+    unknown = [t for t in args.tasks or [] if t not in TASK_NAMES]
+    if unknown:
+        raise Med3DError(f"--tasks: unknown demo task {unknown[0]}; choose from {', '.join(TASK_NAMES)}")
+    out = Path(args.out)
+    existing = [out / t for t in (args.tasks or TASK_NAMES) if (out / t).exists()]
+    if existing and not args.overwrite:
+        raise Med3DError(f"{existing[0]}: already exists; pass --overwrite to write the demo data again")
+    paths = write_demo_data(out, seed=args.seed, n_train=args.train, n_test=args.test, tasks=args.tasks)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    from ..data.check import check_dataset
+    from ..data.datalist import read_dataset
+
+    total_err = 0
+    for root in args.datasets:
+        info = read_dataset(root)
+        problems = check_dataset(info, workers=args.workers, progress=not args.quiet)
+        errors = [p for p in problems if p.severity == "error"]
+        warnings = [p for p in problems if p.severity == "warning"]
+        for p in problems:
+            print(p)
+        n = len(info.cases) + len(info.test_cases)
+        print(f"{info.name}: {n} case(s) checked ({info.layout} layout, {info.num_channels} channel(s), "
+              f"{len(info.labels)} labels): {len(errors)} error(s), {len(warnings)} warning(s)")
+        total_err += len(errors)
+    return 1 if total_err else 0
+
+
+def _prepare_jobs(args: argparse.Namespace) -> list:
+    """``(dataset, cache, plan overrides)`` for each dataset named on the line or in ``--config``."""
+    if args.config and (args.datasets or args.descriptor or args.spacing or args.cache != "cache"):
+        raise Med3DError("prepare: --config takes the datasets, cache folder and plan overrides from the config; "
+                         "give either --config or dataset folders with --cache/--descriptor/--spacing")
+    if args.set and not args.config:
+        raise Med3DError("prepare: --set overrides keys of --config; give the config too")
+    if args.config:
+        from ..config import load_config
+
+        cfg = load_config(args.config, args.set)
+        return [(e.path, cfg.data.cache_dir, dict(descriptor=e.descriptor, spacing=e.spacing,
+                                                  normalization=e.normalization, check=cfg.data.check))
+                for e in cfg.data.datasets.values()]
+    if not args.datasets:
+        raise Med3DError("prepare: name the dataset folders, or --config CONFIG for the datasets a config trains on")
+    return [(root, args.cache, dict(descriptor=args.descriptor, spacing=args.spacing)) for root in args.datasets]
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from ..data.cache import prepare_dataset
+
+    failed = 0
+    for root, cache, overrides in _prepare_jobs(args):
+        r = prepare_dataset(root, cache, workers=args.workers, progress=not args.quiet, **overrides)
+        plan = r.plan
+        norm = ", ".join(n["scheme"] for n in plan["normalization"])
+        print(f"{plan['dataset']}: {r.done} case(s) prepared, {r.skipped} already cached, {len(r.failed)} failed; "
+              f"spacing {[round(s, 3) for s in plan['target_spacing']]} mm (z, y, x), normalisation {norm}, "
+              f"median shape {plan['median_shape_resampled']} -> {r.folder}")
+        for line in r.failed:
+            print(f"error: {line}")
+        failed += len(r.failed)
+    return 1 if failed else 0
+
+
+def add_demo_data(sub: Subparsers) -> None:
+    """Add ``med3d demo-data``.
+
+    Args:
+        sub: the subcommands of the ``med3d`` parser.
+    """
+    p = sub.add_parser("demo-data", help="write the synthetic demo datasets in Decathlon (MSD) layout")
+    p.add_argument("out", help="folder to write the task folders into")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int, default=10, help="training cases per task")
+    p.add_argument("--test", type=int, default=2, help="test cases per task")
+    p.add_argument("--tasks", nargs="+", help="only these task folders")
+    p.add_argument("--overwrite", action="store_true", help="write over existing task folders")
+    p.set_defaults(handler=_demo_data)
+
+
+def add_check_data(sub: Subparsers) -> None:
+    """Add ``med3d check-data``.
+
+    Args:
+        sub: the subcommands of the ``med3d`` parser.
+    """
+    p = sub.add_parser("check-data", help="validate datasets (files, geometry, labels) before training")
+    p.add_argument("datasets", nargs="+", help="dataset folders (Decathlon or nnU-Net v2 layout)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_check_data)
+
+
+def add_prepare(sub: Subparsers) -> None:
+    """Add ``med3d prepare``.
+
+    Args:
+        sub: the subcommands of the ``med3d`` parser.
+    """
+    p = sub.add_parser("prepare", help="check, plan and preprocess datasets into the on-disk cache",
+                       description="Prepare dataset folders, or (--config) the datasets of a training config with "
+                                   "its cache folder and plan overrides: run this before launching torchrun with "
+                                   "several processes, whose ranks only check that the cache is ready.")
+    p.add_argument("datasets", nargs="*", help="dataset folders")
+    p.add_argument("--config", help="prepare the datasets this training config names (its data.cache_dir too)")
+    add_config_args(p)
+    p.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--descriptor", help="descriptor YAML overriding the shipped one (single dataset)")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="target spacing in mm")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_prepare)
