@@ -166,9 +166,13 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(demo_roo
     assert prep.returncode == 0 and "3 case(s) prepared" in prep.stdout, prep.stderr[-2000:]
     r1 = _cli("pretrain", str(one), "--quiet")
     assert r1.returncode == 0, r1.stderr[-2000:]
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                         "-m", "med3d.cli", "pretrain", str(two), "--quiet"], capture_output=True, text=True,
-                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "med3d.cli", "pretrain", str(two), "--quiet"]
+    try:  # a hung rank should fail with what the ranks printed, not only with pytest-timeout's stack
+        r2 = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=240)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"torchrun did not finish in 240 s; its output: {(err.stderr or b'')[-3000:]!r}")
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "x2)" in r2.stdout  # the summary says two processes took part
     a = params(load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")[0])
