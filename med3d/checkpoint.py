@@ -10,7 +10,7 @@ from . import __version__
 from .api import create_model
 from .config import Config, from_dict, to_dict
 from .errors import Med3DError
-from .io import write_atomic
+from .atomic import write_atomic
 from .models.multitask import MultiTaskModel
 from .transfer.formats import Weights, read_weights
 

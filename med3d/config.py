@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 import yaml
 
 from .errors import Med3DError
-from .io import write_yaml_atomic
+from .atomic import write_yaml_atomic
 from .registry import ENCODERS, HEADS, REQUIRED, Registry
 from .resources import resource_root
 
@@ -253,6 +253,9 @@ class FinetuneConfig:
     source: str = "auto"
     init: Literal["full", "first_k", "mean_var", "scratch"] = "full"
     first_k: int = 2
+    # The file's input channels, one entry per model channel: a source index, "mean" or "zero"
+    # (BraTS' four MR sequences on an RGB network: [0, 1, 2, mean]); null: adapt by channel count.
+    channel_map: Optional[List[Union[int, Literal["mean", "zero"]]]] = None
     freeze: List[str] = field(default_factory=list)  # encoder stages: stem, layer1..layer4
     unfreeze_at: Optional[int] = None  # iteration at which frozen stages start training
     encoder_lr_mult: float = 1.0

@@ -17,7 +17,7 @@ import torch
 
 from .data.image import Image, list_images, read_image, strip_suffix
 from .errors import Med3DError
-from .io import write_text_atomic
+from .atomic import write_text_atomic
 
 FIELDS = ["case", "class", "label", "dice", "hd95_mm", "nsd", "volume_pred_ml", "volume_ref_ml"]
 
@@ -133,7 +133,7 @@ def dice_boxplot(rows: List[Dict[str, Any]], path: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from .io import write_atomic
+    from .atomic import write_atomic
 
     summary = summarize(rows)
     data = [[r["dice"] for r in rows if r["class"] == s["class"] and math.isfinite(r["dice"])] for s in summary]

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from . import __version__
 from .errors import Med3DError
-from .io import atomic_path
+from .atomic import atomic_path
 from .models.multitask import MultiTaskModel
 from .models.resnet3d import ResNet3D
 from .transfer.formats import upgrade_metadata

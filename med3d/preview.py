@@ -25,7 +25,7 @@ def save_preview(image: np.ndarray, pred: np.ndarray, path: Path, spacing_zyx: S
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from .io import write_atomic
+    from .atomic import write_atomic
 
     z, y, x = centre(pred if (pred > 0).any() else (ref if ref is not None else pred))
     sz, sy, sx = spacing_zyx

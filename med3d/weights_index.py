@@ -12,6 +12,7 @@ from .errors import Med3DError
 from .export import tensors_sha256
 from .resources import resource_path
 from .transfer.formats import describe_state_dict, read_weights, summarize
+from .transfer.pretrained import PretrainedCfg, find_pretrained_cfg, pretrained_cfgs, structure_mismatch
 
 INDEX = "weights/index.yaml"
 ENTRY_KEYS = ("file", "arch", "shortcut", "layout", "in_channels", "sha256")
@@ -29,7 +30,8 @@ def read_index(path: Optional[Union[str, Path]] = None) -> Index:
         family name -> {``published``, ``entries``: [{file, arch, shortcut, layout, in_channels, sha256, ...}]}.
 
     Raises:
-        Med3DError: the file is missing, not YAML, or an entry lacks a key.
+        Med3DError: the file is missing, not YAML, an entry lacks a key, or an entry does not fit a
+            registered encoder.
     """
     path = Path(path) if path is not None else resource_path(INDEX)
     if not path.is_file():
@@ -42,6 +44,7 @@ def read_index(path: Optional[Union[str, Path]] = None) -> Index:
         raise Med3DError(f"{path}: weights index must map family names to their entries")
     for family, spec in index.items():
         _check_family(path, family, spec)
+    pretrained_cfgs(index, str(path))  # every entry fits a registered encoder
     return index
 
 
@@ -109,32 +112,23 @@ def verify_weights(path: Union[str, Path], index: Optional[Index] = None) -> Ver
         if not ok:
             out.error = f"{path}: tensors differ from the hash recorded at export; the file is altered"
             return out
-    entry = _find_entry(index, path.name, digest)
-    if entry is None:
+    cfg = find_pretrained_cfg(pretrained_cfgs(index), path.name, digest)
+    if cfg is None:
         out.lines.append("not in weights/index.yaml")
         return out
-    out.error = _entry_mismatch(path, digest, info, entry)
+    out.error = _entry_mismatch(path, digest, info, cfg)
     if out.error is None:
-        checked = "sha256 verified" if entry["sha256"] or entry.get("sha256_prefix") \
-            else "structure verified; sha256 not recorded"
-        out.lines.append(f"matches index entry {entry['file']} ({entry['arch']}, shortcut {entry['shortcut']}, {checked})")
+        checked = "sha256 verified" if cfg.sha256 or cfg.sha256_prefix else "structure verified; sha256 not recorded"
+        out.lines.append(f"matches index entry {cfg.file} ({cfg.arch}, shortcut {cfg.encoder.get('shortcut')}, "
+                         f"{checked})")
     return out
 
 
-def _find_entry(index: Index, name: str, digest: str) -> Optional[Dict[str, Any]]:
-    entries = [e for spec in index.values() for e in spec["entries"]]
-    known = [e for e in entries if e["sha256"] == digest] or [e for e in entries if e["file"] == name]
-    return known[0] if known else None
-
-
-def _entry_mismatch(path: Path, digest: str, info: Dict[str, Any], entry: Dict[str, Any]) -> Optional[str]:
-    """Why the file contradicts its index entry, or None."""
-    if entry["sha256"] and entry["sha256"] != digest:
-        return f"{path}: sha256 {digest} differs from the index's {entry['sha256']} for {entry['file']}"
-    prefix = entry.get("sha256_prefix")
-    if prefix and not digest.startswith(prefix):
-        return f"{path}: sha256 {digest[:8]}... does not start with {prefix} as {entry['file']} must"
-    if info.get("arch") != entry["arch"] or info.get("shortcut") != entry["shortcut"]:
-        return (f"{path}: holds {summarize(info)} but the index lists {entry['file']} as "
-                f"{entry['arch']} shortcut {entry['shortcut']}")
-    return None
+def _entry_mismatch(path: Path, digest: str, info: Dict[str, Any], cfg: PretrainedCfg) -> Optional[str]:
+    """Why the file contradicts its index entry (checksum, then structure), or None."""
+    if cfg.sha256 and cfg.sha256 != digest:
+        return f"{path}: sha256 {digest} differs from the index's {cfg.sha256} for {cfg.file}"
+    if cfg.sha256_prefix and not digest.startswith(cfg.sha256_prefix):
+        return f"{path}: sha256 {digest[:8]}... does not start with {cfg.sha256_prefix} as {cfg.file} must"
+    why = structure_mismatch(info, cfg)
+    return None if why is None else f"{path}: holds {summarize(info)}; {why}"

@@ -42,3 +42,56 @@ def monai_2d(depth_blocks, block="basic", seed=0):
         for _ in range(2):
             net(torch.randn(4, 3, 64, 64))
     return net.eval()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(argv, world: int, timeout: float = 240.0):
+    """Run ``python -m <argv>`` as ``world`` ranks joined the way torchrun joins them (env://).
+
+    The ranks are started directly rather than through torchrun's agent: the agent's rendezvous
+    looks up the host's fully qualified name, which can stall where name lookups have no server.
+    Everything is pinned to the loopback (MASTER_ADDR, GLOO_SOCKET_IFNAME). On a hang every rank
+    gets SIGABRT, so Python's faulthandler prints where each one waits.
+
+    Returns:
+        (return codes, stdout, stderr) of the ranks in rank order.
+
+    Raises:
+        AssertionError: the ranks did not all finish within ``timeout`` s (with their stacks).
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+            "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "GLOO_SOCKET_IFNAME": "lo",
+            "OMP_NUM_THREADS": "1"}
+    logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(world)]
+    procs = [subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", *argv], stdin=subprocess.DEVNULL,
+                              stdout=out, stderr=err, text=True,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r, (out, err) in enumerate(logs)]
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.1)
+    hung = [p for p in procs if p.poll() is None]
+    for p in hung:
+        p.send_signal(signal.SIGABRT)
+    for p in procs:
+        p.wait()
+    texts = []
+    for out, err in logs:
+        out.seek(0), err.seek(0)
+        texts.append((out.read(), err.read()))
+    assert not hung, "ranks hung; their stacks:\n" + "\n".join(f"--- rank {r}\n{e[-3000:]}"
+                                                               for r, (_, e) in enumerate(texts))
+    return [p.returncode for p in procs], [t[0] for t in texts], [t[1] for t in texts]

@@ -202,7 +202,12 @@ def test_weights_verify_checks_index_structure(tmp_path):
     wrong = tmp_path / "resnet_50.pth"  # named like MedicalNet's ResNet-50 but holding a ResNet-18
     export_encoder(encoder(18), "medicalnet", wrong)
     r = run_cli("weights", "verify", wrong)
-    assert r.returncode == 2 and "index lists resnet_50.pth as resnet50" in r.stderr
+    assert r.returncode == 2 and "arch is resnet18 where the index lists resnet_50.pth with arch resnet50" in r.stderr
+    two = tmp_path / "two" / "resnet_18.pth"  # the right depth, but a 2-channel first conv
+    two.parent.mkdir()
+    export_encoder(encoder(18, shortcut="A", in_channels=2), "medicalnet", two)
+    r = run_cli("weights", "verify", two)
+    assert r.returncode == 2 and "in_channels is 2 where the index lists resnet_18.pth" in r.stderr
     right = tmp_path / "resnet_18.pth"
     export_encoder(encoder(18), "medicalnet", right)
     r = run_cli("weights", "verify", right)

@@ -225,3 +225,79 @@ def test_a_head_no_task_kind_trains_is_refused_before_any_work(demo_root, tmp_pa
     with pytest.raises(Med3DError, match="model.heads.Task09_SpleenDemo.type: 'classification' heads cannot be"):
         train(from_dict(data), "pretrain", progress=False)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_channel_map_from_the_config_shapes_the_first_conv(demo_root, tmp_path, cfg_dict):
+    from med3d.api import create_model
+    from med3d.engine.trainer import init_from_weights, preflight
+    from med3d.export import export_encoder
+
+    src = from_dict(cfg_dict(demo_root, tmp_path, tasks=SPLEEN))
+    src.model.encoder.in_channels = 3
+    donor = create_model(src)
+    weights = export_encoder(donor, "safetensors", tmp_path / "rgb.safetensors")
+    data = cfg_dict(demo_root, tmp_path, tasks=SPLEEN, finetune={"weights": str(weights), "channel_map": [2, "mean"]})
+    data["model"]["encoder"]["in_channels"] = 2
+    cfg = from_dict(data)
+    preflight(cfg, "finetune")
+    model = create_model(cfg)
+    assert "mapped from the file's 3: [2, 'mean']" in init_from_weights(model, cfg)
+    w = donor.encoder.conv1.weight
+    torch.testing.assert_close(model.encoder.conv1.weight, torch.stack([w[:, 2], w.mean(1)], dim=1))
+
+    cfg.finetune.channel_map = [0, 1, 2]
+    with pytest.raises(Med3DError, match="channel_map has 3 entries but model.encoder.in_channels is 2"):
+        preflight(cfg, "finetune")
+    with pytest.raises(Med3DError, match=r"config key 'finetune.channel_map\[1\]'"):
+        from_dict({**data, "finetune": {"weights": str(weights), "channel_map": [0, "max"]}})
+
+
+def test_resume_on_fewer_gpus_restores_the_generators_it_can(monkeypatch, caplog):
+    from med3d.engine import checkpoints
+    state = {**checkpoints.rng_state(), "cuda": [torch.zeros(8, dtype=torch.uint8)] * 2}  # saved on two GPUs
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.append(i))
+    checkpoints.set_rng_state(state)
+    assert restored == [0] and "saved 2 GPU generator state(s), this machine has 1" in caplog.text
+
+
+@pytest.mark.parametrize("key", ["log_every", "checkpoint_every"])
+def test_zero_intervals_are_refused_before_any_work(demo_root, tmp_path, cfg_dict, key):
+    cfg = from_dict(cfg_dict(demo_root, tmp_path, tasks=SPLEEN, train={key: 0}))
+    with pytest.raises(Med3DError, match="train.log_every and train.checkpoint_every must be at least 1"):
+        train(cfg, "pretrain", progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_non_finite_loss_on_any_rank_stops_every_rank(demo_root, tmp_path, cfg_dict, monkeypatch):
+    trainer = Trainer(from_dict(cfg_dict(demo_root, tmp_path, tasks=SPLEEN)), "pretrain", progress=False,
+                      tensorboard=False)
+    trainer.setup()
+    trainer.steps()
+    # This rank's loss is finite; the other rank of a two-rank group reports a non-finite one.
+    trainer.info = DistInfo(rank=0, world=2, local_rank=0, device=torch.device("cpu"), distributed=True)
+    trainer.net = trainer.model  # no DDP wrapper without a process group
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: t.add_(1.0))
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    with pytest.raises(Med3DError, match="loss became non-finite at iteration 0"):
+        trainer.train_step(0)
+    trainer.close()
+
+
+def test_bf16_steps_on_cpu_avoid_onednns_wrong_weight_gradient(demo_root, tmp_path, cfg_dict):
+    # oneDNN's bf16 conv3d weight gradient is wrong for inputs two voxels deep with >= 16 channels
+    # (a 16-slice patch at stride 8); the trainer's kernel choice must give the right one.
+    trainer = Trainer(from_dict(cfg_dict(demo_root, tmp_path, tasks=SPLEEN, train={"amp": "bf16"})), "pretrain",
+                      progress=False, tensorboard=False)
+    trainer.setup()
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 2, 4, 4, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(16, 16, 3, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(2, 16, 2, 4, 4, dtype=torch.bfloat16)
+    with trainer.kernels():
+        got, = torch.autograd.grad(torch.nn.functional.conv3d(x, w, padding=1), w, gy)
+    want = torch.nn.grad.conv3d_weight(x.detach().float(), w.shape, gy.float(), padding=1)
+    assert float((got.float() - want).abs().max() / want.abs().max()) < 0.02
+    trainer.close()

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import Med3DError
-from ..io import write_atomic, write_json_atomic
+from ..atomic import write_atomic, write_json_atomic
 from .check import require_valid
 from .datalist import Case, DatasetInfo, read_dataset
 from .image import read_channels, read_image

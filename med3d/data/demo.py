@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ..io import write_atomic, write_json_atomic
+from ..atomic import write_atomic, write_json_atomic
 
 Arr = np.ndarray
 

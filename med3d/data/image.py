@@ -15,7 +15,7 @@ from typing import List, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import Med3DError
-from ..io import atomic_path
+from ..atomic import atomic_path
 
 PathLike = Union[str, Path]
 NIFTI = (".nii", ".nii.gz")

@@ -7,6 +7,7 @@ atomically, so a killed run leaves the previous ``last.pt`` intact.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -20,6 +21,8 @@ from ..config import Config
 from ..errors import Med3DError
 from ..models.multitask import MultiTaskModel
 from ..transfer.formats import _torch_load
+
+log = logging.getLogger("med3d.train")
 
 
 def rng_state() -> Dict[str, Any]:
@@ -41,7 +44,21 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        _set_cuda_rng(state["cuda"])
+
+
+def _set_cuda_rng(saved: List[torch.Tensor]) -> None:
+    """Restore each GPU's generator that both the checkpoint and this machine have.
+
+    A run resumed on a machine with a different GPU count is not bit-exact anyway; it goes on
+    with a warning rather than failing on the extra or missing devices.
+    """
+    have = torch.cuda.device_count()
+    for i, s in enumerate(saved[:have]):
+        torch.cuda.set_rng_state(s, i)
+    if len(saved) != have:
+        log.warning("checkpoint saved %d GPU generator state(s), this machine has %d GPU(s): "
+                    "the resumed run is not bit-exact", len(saved), have)
 
 
 def save_training(path: Path, model: MultiTaskModel, cfg: Config, meta: Dict[str, Any], iteration: int,

@@ -63,7 +63,7 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from ..io import write_atomic
+    from ..atomic import write_atomic
 
     rows = read_metrics(metrics_path)
     train = [r for r in rows if r.get("kind") == "train"]

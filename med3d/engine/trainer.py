@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,10 +24,10 @@ from ..api import check_patch_size, create_model
 from ..config import Config, save_resolved
 from ..data.sampler import MixSchedule, PatchBatches, make_loader
 from ..errors import Med3DError
-from ..io import write_json_atomic, write_text_atomic
+from ..atomic import write_json_atomic, write_text_atomic
 from ..models.multitask import MultiTaskModel
 from ..tasks import kind_for_head
-from ..transfer.init import init_state_dict
+from ..transfer.policies import init_state_dict
 from ..transfer.load import load_pretrained
 from .checkpoints import load_training, prune, publish_last, save_training, set_rng_state
 from .distributed import DistInfo, cleanup, init_distributed, mean_across
@@ -53,6 +53,9 @@ def preflight(cfg: Config, job: str) -> None:
     t = cfg.train
     if t.batch_size < 1 or t.accumulate < 1 or t.iterations < 1:
         raise Med3DError("train.batch_size, train.accumulate and train.iterations must be at least 1")
+    if t.log_every < 1 or t.checkpoint_every < 1:
+        raise Med3DError(f"train.log_every and train.checkpoint_every must be at least 1, got {t.log_every} "
+                         f"and {t.checkpoint_every}")
     if len(cfg.data.patch_size) != 3 or min(cfg.data.patch_size) < 8:
         raise Med3DError(f"data.patch_size must be three sizes of at least 8 voxels, got {cfg.data.patch_size}")
     if not 0.0 <= cfg.data.foreground_share <= 1.0:
@@ -63,16 +66,33 @@ def preflight(cfg: Config, job: str) -> None:
         raise Med3DError(f"finetune.weights: {cfg.finetune.weights} not found; point it at an encoder export, "
                          "a med3d checkpoint or MedicalNet/MONAI/torchvision weights")
     check_stages(cfg.finetune.freeze)
+    check_channel_map(cfg)
     check_patch_size(cfg, cfg.data.patch_size)
+
+
+def check_channel_map(cfg: Config) -> None:
+    """``finetune.channel_map`` needs weights to map and one entry per model input channel.
+
+    Raises:
+        Med3DError: either is not so.
+    """
+    cmap, want = cfg.finetune.channel_map, cfg.model.encoder.in_channels
+    if cmap is None:
+        return
+    if not cfg.finetune.weights:
+        raise Med3DError("finetune.channel_map is set but finetune.weights is not; remove it or name the weights")
+    if len(cmap) != want:
+        raise Med3DError(f"finetune.channel_map has {len(cmap)} entries but model.encoder.in_channels is {want}; "
+                         "give one entry per model input channel")
 
 
 def init_from_weights(model: MultiTaskModel, cfg: Config) -> str:
     """Initialise the encoder from ``finetune.weights`` under ``finetune.init``; returns the load report."""
     ft = cfg.finetune
     if ft.init == "full":
-        return str(load_pretrained(model, ft.weights, ft.source))
+        return str(load_pretrained(model, ft.weights, ft.source, channel_map=ft.channel_map))
     donor = copy.deepcopy(model.encoder)
-    report = load_pretrained(donor, ft.weights, ft.source)
+    report = load_pretrained(donor, ft.weights, ft.source, channel_map=ft.channel_map)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     chosen = init_state_dict(ft.init, donor.state_dict(), ft.first_k, gen)
     model.encoder.load_state_dict(chosen, strict=False)
@@ -273,6 +293,33 @@ class Trainer:
         """``train.accumulate`` micro-batches of one task, then one optimizer step; returns the step's loss."""
         cfg, info = self.cfg, self.info
         self.opt.zero_grad(set_to_none=True)
+        with self.kernels():
+            total, task = self.micro_batches()
+        # Every rank takes the same decision: one rank stopping alone would leave the others waiting
+        # in their next gradient all-reduce until the process group times out.
+        if mean_across(self.info, float(not np.isfinite(total))) > 0:
+            raise Med3DError(f"loss became non-finite at iteration {step} (task {task}; this rank's loss {total}); "
+                             "lower train.lr or use amp bf16 instead of fp16")
+        self.optimizer_step()
+        self.state.step, self.state.task = step + 1, task
+        self.state.seen += cfg.train.batch_size
+        return total
+
+    def kernels(self) -> contextlib.AbstractContextManager:
+        """The kernel choice for a training step.
+
+        oneDNN's bf16 conv3d weight gradient on CPU (torch 2.13, oneDNN 3.12) returns garbage or NaN
+        for inputs two voxels deep with 16 or more channels, which a 16-slice patch reaches at
+        stride 8; bf16 training on CPU therefore uses ATen's own kernels.
+        """
+        if self.amp == torch.bfloat16 and self.info.device.type == "cpu":
+            return torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None,
+                                               fp32_precision=None)
+        return contextlib.nullcontext()
+
+    def micro_batches(self) -> Tuple[float, str]:
+        """Forward and backward ``train.accumulate`` micro-batches; returns their summed loss and the task."""
+        cfg, info = self.cfg, self.info
         total = 0.0
         for a in range(cfg.train.accumulate):
             batch = next(self.batches)
@@ -289,13 +336,7 @@ class Trainer:
                 loss = self.losses[task](logits, y) * self.loss_weights[task] / cfg.train.accumulate
                 self.scaler.scale(loss).backward()
             total += float(loss.detach())
-        if not np.isfinite(total):
-            raise Med3DError(f"loss became {total} at iteration {step} (task {task}); lower train.lr or use "
-                             "amp bf16 instead of fp16")
-        self.optimizer_step()
-        self.state.step, self.state.task = step + 1, task
-        self.state.seen += cfg.train.batch_size
-        return total
+        return total, task
 
     def optimizer_step(self) -> None:
         if self.cfg.train.clip_grad:

@@ -4,15 +4,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 
 from ..errors import Med3DError
 from ..models.heads import Med3DHead
 from ..models.multitask import MultiTaskModel
 from ..models.resnet3d import ResNet3D
-from .channels import adapt_input_conv
+from .channels import ChannelSpec, adapt_input_conv, map_input_channels
 from .formats import StateDict, Weights, describe_state_dict, read_weights, summarize
 from .inflate import inflate_state_dict
 
@@ -88,16 +89,48 @@ def _prepare(weights: Weights, encoder: ResNet3D, report: LoadReport) -> StateDi
     return sd
 
 
+def _first_conv(weight: torch.Tensor, in_channels: int, channel_map: Optional[Sequence[ChannelSpec]],
+                report: LoadReport) -> torch.Tensor:
+    if channel_map is not None:
+        if len(channel_map) != in_channels:
+            raise Med3DError(f"finetune.channel_map has {len(channel_map)} entries but the model takes "
+                             f"{in_channels} input channels; give one entry per model channel")
+        report.notes.append(f"conv1 input channels mapped from the file's {weight.shape[1]}: {list(channel_map)}")
+        return map_input_channels(weight, channel_map)
+    if weight.shape[1] != in_channels:
+        report.notes.append(f"conv1 adapted from {weight.shape[1]} to {in_channels} input channels")
+        return adapt_input_conv(weight, in_channels)
+    return weight
+
+
 def load_pretrained(module: nn.Module, path: Union[str, Path, Weights], source: str = "auto",
-                    task: Optional[str] = None, strict: bool = True) -> LoadReport:
+                    task: Optional[str] = None, strict: bool = True,
+                    channel_map: Optional[Sequence[ChannelSpec]] = None) -> LoadReport:
     """Load weights from ``path`` into a ``ResNet3D`` or ``MultiTaskModel`` and report every key.
 
     Reads med3d exports and checkpoints, MedicalNet checkpoints (``state_dict`` with ``module.``
     keys, with or without ``conv_seg``), MONAI ResNet state dicts, torchvision 2D ResNets
     (inflated on the fly: ``1x3x3`` for a slice-wise encoder, ``i3d`` otherwise) and plain state
-    dicts. A first conv with a different channel count is adapted (``adapt_input_conv``). With ``strict`` (default) any
-    missing or mismatched encoder tensor aborts the load with one line comparing the file's
-    architecture to the model's, and nothing is loaded; heads the file lacks are reported as new.
+    dicts. The first conv's input channels follow ``channel_map`` when it is given (one entry per
+    model input channel: a source channel index, "mean" or "zero"); otherwise a different channel
+    count is adapted by ``adapt_input_conv``. With ``strict`` (default) any missing or mismatched
+    encoder tensor aborts the load with one line comparing the file's architecture to the model's,
+    and nothing is loaded; heads the file lacks are reported as new.
+
+    Args:
+        module: the model to load into.
+        path: a weight file, or weights already read.
+        source: the file's format, or "auto" to recognise it.
+        task: the task whose head takes MedicalNet's ``conv_seg``.
+        strict: refuse a load that leaves encoder tensors missing or mismatched.
+        channel_map: how the file's input channels become the model's.
+
+    Returns:
+        The load report (loaded, missing, unexpected and mismatched keys, notes).
+
+    Raises:
+        Med3DError: the file is unreadable or holds a different architecture, or ``channel_map``
+            names a channel the file lacks.
     """
     encoder, prefix = _parts(module)
     weights = path if isinstance(path, Weights) else read_weights(path, source)
@@ -113,10 +146,8 @@ def load_pretrained(module: nn.Module, path: Union[str, Path, Weights], source: 
             report.unexpected.append(key)
             continue
         want = target[dst].shape
-        if value.shape != want and key.endswith("conv1.weight") and dst == prefix + "conv1.weight" \
-                and value.shape[0] == want[0] and value.shape[2:] == want[2:]:
-            value = adapt_input_conv(value, want[1])
-            report.notes.append(f"conv1 adapted from {sd[key].shape[1]} to {want[1]} input channels")
+        if dst == prefix + "conv1.weight" and value.shape[0] == want[0] and value.shape[2:] == want[2:]:
+            value = _first_conv(value, want[1], channel_map, report)
         if value.shape != want:
             report.mismatched.append((key, tuple(value.shape), tuple(want)))
             continue
