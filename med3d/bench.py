@@ -113,6 +113,7 @@ def train_bench(iterations: int = 10, batch: int = 2, patch: Sequence[int] = (32
     """Training iterations/s of the demo encoder + one Med3D head: float32 against bf16 autocast."""
     from .api import create_model
     from .config import load_config
+    from .engine.trainer import training_kernels
     from .resources import resource_path
     from .tasks.segmentation import SegLoss
 
@@ -132,9 +133,10 @@ def train_bench(iterations: int = 10, batch: int = 2, patch: Sequence[int] = (32
 
         def step() -> None:
             opt.zero_grad()
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                out = model(x, task)
-            loss_fn(out, y).backward()
+            with training_kernels(dtype, dev):  # the kernels the trainer uses
+                with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+                    out = model(x, task)
+                loss_fn(out, y).backward()
             opt.step()
 
         rate = 1.0 / _seconds_per_call(step, iterations, dev)

@@ -179,8 +179,11 @@ class TrainConfig:
     warmup_iterations: int = 0
     amp: Literal["none", "bf16", "fp16"] = "none"
     clip_grad: Optional[float] = 12.0  # max gradient norm; null: no clipping
-    loss: Literal["dice_ce", "focal", "dice_focal"] = "dice_ce"
+    loss: Literal["dice_ce", "focal", "dice_focal"] = "dice_ce"  # segmentation tasks
     ignore_label: Optional[int] = None  # voxels with this label count in no loss
+    cls_loss: Literal["ce", "focal"] = "ce"  # classification tasks
+    label_smoothing: float = 0.0  # classification cross-entropy
+    class_weights: Optional[List[float]] = None  # classification: one loss weight per class
     channels_last: bool = False  # channels_last_3d memory format
     compile: bool = False  # torch.compile the model
     sync_bn: bool = False  # SyncBatchNorm under DDP (GPU only)
@@ -200,6 +203,8 @@ class DatasetEntry:
     # that many, else data.input_policy decides.
     channel: Optional[Union[int, List[int]]] = None
     loss_weight: float = 1.0
+    # Classification: the region cut around each case's ROI centre (z, y, x) mm; null: the dataset's.
+    crop_mm: Optional[List[float]] = None
 
 
 @dataclass
@@ -235,6 +240,7 @@ class DataConfig:
     pin_memory: bool = True  # used on GPU only
     persistent_workers: bool = True
     check: bool = True  # run check-data before training
+    class_balance: bool = True  # classification: draw each class equally often (else as they come)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -245,6 +251,8 @@ class ValidationConfig:
     sw_batch_size: int = 2
     hd95: bool = True
     max_cases: Optional[int] = None  # per task
+    # Classification tasks' score, which picks the best checkpoint with the other tasks' scores.
+    class_metric: Literal["auc", "balanced_accuracy", "accuracy"] = "auc"
 
 
 @dataclass

@@ -145,21 +145,3 @@ def dice_boxplot(rows: List[Dict[str, Any]], path: Path) -> Optional[Path]:
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90))
     plt.close(fig)
     return path
-
-
-def classification_metrics(y_true: Sequence[int], scores: np.ndarray) -> Dict[str, Any]:
-    """Accuracy, one-vs-rest AUC per class and the confusion matrix, from true labels and ``(N, K)`` scores."""
-    from monai.metrics import compute_roc_auc
-
-    y = np.asarray(y_true, int)
-    scores = np.asarray(scores, float)
-    k = scores.shape[1]
-    pred = scores.argmax(1)
-    conf = np.zeros((k, k), int)
-    for t, p in zip(y, pred):
-        conf[t, p] += 1
-    onehot = np.eye(k)[y]
-    auc = compute_roc_auc(torch.as_tensor(scores), torch.as_tensor(onehot), average="none")
-    return {"accuracy": float((pred == y).mean()), "auc": [float(a) for a in np.atleast_1d(auc)],
-            "confusion": conf.tolist()}
-

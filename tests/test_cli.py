@@ -14,7 +14,7 @@ from med3d.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["demo-data", "check-data", "prepare", "pretrain", "finetune", "predict", "evaluate", "export",
-            "inflate", "bench", "demo", "weights", "config", "encoders"]
+            "inflate", "bench", "demo", "weights", "config", "encoders", "explain"]
 
 
 def run_cli(*args, cwd=None, env=None):

@@ -1,7 +1,6 @@
 """Data side: readers, check-data, plans, the prepared cache, patch sampling and multi-task mixing."""
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path

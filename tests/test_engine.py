@@ -16,7 +16,6 @@ import yaml
 
 from med3d.api import create_model
 from med3d.checkpoint import load_checkpoint
-from med3d.cli import main
 from med3d.config import from_dict, to_dict
 from med3d.data.cache import load_cache, prepare_dataset
 from med3d.data.sampler import MixSchedule, PatchBatches, TaskData
@@ -209,7 +208,7 @@ def test_killed_then_resumed_equals_uninterrupted(demo_root, tmp_path, cfg_dict)
 
 @pytest.mark.parametrize("change, message", [
     ({"data": {"datasets": {"Task03_LiverDemo": {"path": "/nonexistent/Task03"}}}},
-     "data.datasets.Task03_LiverDemo.path: dataset folder /nonexistent/Task03 not found"),
+     "data.datasets.Task03_LiverDemo.path: dataset /nonexistent/Task03 not found"),
     ({"model": {"heads": {"Task03_LiverDemo": {"type": "med3d", "num_classes": 3}}}},
      "data.datasets.Task05_ProstateDemo: no head for this task"),
     ({"finetune": {"weights": "/nonexistent/enc.safetensors"}}, "finetune.weights: /nonexistent/enc.safetensors"),

@@ -17,7 +17,7 @@ from med3d.data.image import Geometry, Image, read_image, write_image
 from med3d.data.preprocess import preprocess, resample
 from med3d.inference import restore_probabilities
 from med3d.engine.trainer import train
-from med3d.evaluate import classification_metrics, pair_metrics
+from med3d.evaluate import pair_metrics
 
 
 @pytest.fixture(scope="module")
@@ -135,12 +135,6 @@ def test_evaluate_cli_writes_csv_summary_and_boxplot(tmp_path):
     assert "0.900" in r.stdout
 
 
-def test_classification_metrics():
-    m = classification_metrics([0, 0, 1, 1], np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7]]))
-    assert m["accuracy"] == 0.75 and m["confusion"] == [[1, 1], [0, 2]]
-    assert m["auc"][1] == pytest.approx(1.0)
-
-
 @pytest.mark.slow
 def test_bad_inputs_are_named_and_the_rest_still_done(liver_ckpt, real_data, tmp_path):
     bad = tmp_path / "in"
@@ -167,6 +161,7 @@ def test_bad_inputs_are_named_and_the_rest_still_done(liver_ckpt, real_data, tmp
     assert again.returncode == 1 and "--overwrite" in again.stdout
 
 
+@pytest.mark.slow
 def test_checkpoint_without_a_plan_is_refused(tmp_path, demo_root, cfg_dict):
     cfg = from_dict(cfg_dict(demo_root, tmp_path, tasks=("Task09_SpleenDemo",)))
     from med3d.api import create_model

@@ -219,12 +219,14 @@ def test_adapter_input_policy_trains_a_per_task_input_conv(demo_root, tmp_path, 
     assert trainer.data.plans["Task05_ProstateDemo"]["channels"] is None
 
 
-def test_a_head_no_task_kind_trains_is_refused_before_any_work(demo_root, tmp_path, cfg_dict):
-    data = cfg_dict(demo_root, tmp_path, tasks=SPLEEN)
-    data["model"]["heads"]["Task09_SpleenDemo"]["type"] = "classification"
-    with pytest.raises(Med3DError, match="model.heads.Task09_SpleenDemo.type: 'classification' heads cannot be"):
-        train(from_dict(data), "pretrain", progress=False)
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+def test_a_head_no_task_kind_trains_is_refused_in_one_line():
+    from med3d.tasks import kind_for_head
+
+    assert kind_for_head("classification", "k").name == "classification"
+    assert kind_for_head("unet", "k").name == "segmentation"
+    with pytest.raises(Med3DError, match="model.heads.x.type: 'detector' heads cannot be trained by med3d yet; "
+                                         "trainable head types: classification, med3d, unet"):
+        kind_for_head("detector", "model.heads.x.type")
 
 
 def test_channel_map_from_the_config_shapes_the_first_conv(demo_root, tmp_path, cfg_dict):

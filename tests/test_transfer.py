@@ -3,7 +3,6 @@ import pickle
 
 import pytest
 import torch
-from monai.networks import nets
 
 from helpers import monai_2d, monai_stage_features, randomize_bn
 import med3d

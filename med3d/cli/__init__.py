@@ -11,14 +11,14 @@ from typing import Callable, List, Optional
 
 from .. import __version__
 from ..errors import Med3DError
-from . import data, misc, predict, train, transfer
+from . import data, explain, misc, predict, train, transfer
 from ._common import Subparsers
 
 # The order of `med3d --help`.
 ADDERS: List[Callable[[Subparsers], None]] = [
     train.add_demo, data.add_demo_data, misc.add_config, transfer.add_encoders, misc.add_bench,
     data.add_check_data, data.add_prepare, train.add_train, predict.add_predict, predict.add_evaluate,
-    transfer.add_export, transfer.add_inflate, transfer.add_weights,
+    explain.add_explain, transfer.add_export, transfer.add_inflate, transfer.add_weights,
 ]
 
 

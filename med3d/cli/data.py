@@ -9,27 +9,50 @@ from ._common import Subparsers, add_config_args
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from ..data.demo import TASK_NAMES, write_demo_data
+    from ..data.demo import NODULE_DEMO, TASK_NAMES, write_demo_data, write_nodule_demo
 
-    unknown = [t for t in args.tasks or [] if t not in TASK_NAMES]
+    every = [*TASK_NAMES, NODULE_DEMO]
+    unknown = [t for t in args.tasks or [] if t not in every]
     if unknown:
-        raise Med3DError(f"--tasks: unknown demo task {unknown[0]}; choose from {', '.join(TASK_NAMES)}")
-    out = Path(args.out)
-    existing = [out / t for t in (args.tasks or TASK_NAMES) if (out / t).exists()]
+        raise Med3DError(f"--tasks: unknown demo task {unknown[0]}; choose from {', '.join(every)}")
+    out, tasks = Path(args.out), args.tasks or every
+    existing = [out / t for t in tasks if (out / t).exists()]
     if existing and not args.overwrite:
         raise Med3DError(f"{existing[0]}: already exists; pass --overwrite to write the demo data again")
-    paths = write_demo_data(out, seed=args.seed, n_train=args.train, n_test=args.test, tasks=args.tasks)
+    seg = [t for t in tasks if t in TASK_NAMES]
+    paths = write_demo_data(out, seed=args.seed, n_train=args.train or 10, n_test=args.test, tasks=seg) if seg else []
+    if NODULE_DEMO in tasks:  # classification needs more cases than segmentation to say anything
+        paths.append(write_nodule_demo(out, n_train=args.train or 32, n_test=args.test, seed=args.seed))
     for p in paths:
         print(p)
     return 0
 
 
+def _check_classes(root: str) -> int:
+    """check-data for a classification dataset; returns its error count."""
+    from ..data.classification import check_classification_dataset, read_classification_dataset
+
+    ds = read_classification_dataset(root)
+    lines = check_classification_dataset(ds)
+    for line in lines:
+        print(line)
+    errors = sum(line.startswith("error") for line in lines)
+    n = len(ds.cases) + len(ds.val_cases) + len(ds.test_cases)
+    print(f"{ds.name}: {n} case(s) checked ({ds.layout} classification layout, {len(ds.channel_names)} channel(s), "
+          f"{ds.num_classes} classes): {errors} error(s), {len(lines) - errors} warning(s)")
+    return errors
+
+
 def _check_data(args: argparse.Namespace) -> int:
     from ..data.check import check_dataset
+    from ..data.classification import is_classification_dataset
     from ..data.datalist import read_dataset
 
     total_err = 0
     for root in args.datasets:
+        if is_classification_dataset(root):
+            total_err += _check_classes(root)
+            continue
         info = read_dataset(root)
         problems = check_dataset(info, workers=args.workers, progress=not args.quiet)
         errors = [p for p in problems if p.severity == "error"]
@@ -55,18 +78,42 @@ def _prepare_jobs(args: argparse.Namespace) -> list:
 
         cfg = load_config(args.config, args.set)
         return [(e.path, cfg.data.cache_dir, dict(descriptor=e.descriptor, spacing=e.spacing,
-                                                  normalization=e.normalization, check=cfg.data.check))
+                                                  normalization=e.normalization, check=cfg.data.check,
+                                                  crop_mm=e.crop_mm))
                 for e in cfg.data.datasets.values()]
     if not args.datasets:
         raise Med3DError("prepare: name the dataset folders, or --config CONFIG for the datasets a config trains on")
     return [(root, args.cache, dict(descriptor=args.descriptor, spacing=args.spacing)) for root in args.datasets]
 
 
+def _prepare_classes(root: str, cache: str, overrides: dict, progress: bool) -> None:
+    """prepare for a classification dataset: every case's region, then the plan's statistics."""
+    from ..data.class_cache import load_class_cache, prepare_classification
+    from ..data.classification import read_classification_dataset, require_valid_classification
+
+    ds = read_classification_dataset(root)
+    if overrides.get("check", True):
+        require_valid_classification(ds)
+    folder = prepare_classification(ds, root, cache, spacing=overrides.get("spacing"),
+                                    crop_mm=overrides.get("crop_mm"), normalization=overrides.get("normalization"),
+                                    progress=progress)
+    plan, cases = load_class_cache(folder, [c.case_id for c in ds.cases + ds.val_cases + ds.test_cases])
+    norm = ", ".join(n["scheme"] for n in plan["normalization"])
+    print(f"{ds.name}: {len(cases)} case(s) prepared (classification regions of {plan['crop_mm'] or 'whole images'} "
+          f"mm); spacing {[round(v, 3) for v in plan['target_spacing']]} mm (z, y, x), normalisation {norm} "
+          f"-> {folder}")
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from ..data.cache import prepare_dataset
+    from ..data.classification import is_classification_dataset
 
     failed = 0
     for root, cache, overrides in _prepare_jobs(args):
+        if is_classification_dataset(root):
+            _prepare_classes(root, cache, overrides, progress=not args.quiet)
+            continue
+        overrides.pop("crop_mm", None)
         r = prepare_dataset(root, cache, workers=args.workers, progress=not args.quiet, **overrides)
         plan = r.plan
         norm = ", ".join(n["scheme"] for n in plan["normalization"])
@@ -85,10 +132,11 @@ def add_demo_data(sub: Subparsers) -> None:
     Args:
         sub: the subcommands of the ``med3d`` parser.
     """
-    p = sub.add_parser("demo-data", help="write the synthetic demo datasets in Decathlon (MSD) layout")
+    p = sub.add_parser("demo-data", help="write the synthetic demo datasets in Decathlon (MSD) layout: four "
+                       "segmentation tasks and a nodule classification task")
     p.add_argument("out", help="folder to write the task folders into")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train", type=int, default=10, help="training cases per task")
+    p.add_argument("--train", type=int, help="training cases per task (default 10; 32 for the nodule task)")
     p.add_argument("--test", type=int, default=2, help="test cases per task")
     p.add_argument("--tasks", nargs="+", help="only these task folders")
     p.add_argument("--overwrite", action="store_true", help="write over existing task folders")

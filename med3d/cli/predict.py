@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import Any
 
 from ..errors import Med3DError
 from ._common import Subparsers
@@ -16,8 +17,12 @@ def _predict(args: argparse.Namespace) -> int:
     from ..inference import Predictor, collect_inputs
     from ..preview import save_preview
 
+    from ..inference.classify import is_classifier
+
     predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
     task = predictor.task(args.task)
+    if is_classifier(predictor, task):
+        return _classify(args, predictor, task)
     out = Path(args.out)
     cases = collect_inputs(args.inputs)
     if not cases:
@@ -46,11 +51,48 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _classify(args: argparse.Namespace, predictor: Any, task: str) -> int:
+    """``med3d predict`` for a classification task: one CSV row of class probabilities per scan."""
+    from tqdm import tqdm
+
+    from ..data.classification import ClassCase, roi_center_mm
+    from ..data.image import read_channels
+    from ..inference.classify import classify, write_predictions_csv
+    from ..inference.inputs import roi_jobs
+
+    jobs = roi_jobs(args.inputs, args.center, args.roi_mask)
+    if not jobs:
+        raise Med3DError("no input scans found in " + ", ".join(args.inputs))
+    rows, failed = [], 0
+    for case_id, files, mask, center in tqdm(jobs, desc="classify", unit="case", disable=args.quiet):
+        try:
+            image = read_channels(files)
+            if center is None and mask is not None:
+                center = roi_center_mm(ClassCase(case_id, list(files), None, mask=mask), image)
+            rows.append(classify(predictor, image, task, center, case_id, where=str(files[0])))
+        except Med3DError as err:
+            failed += 1
+            tqdm.write(f"error: {err}")
+    target = write_predictions_csv(Path(args.out) / "predictions.csv", rows, overwrite=args.overwrite)
+    names = predictor.meta["plans"][task]["classes"]
+    for r in rows[:20]:
+        print(f"{r.case_id}: {names[str(r.predicted)]} (p = {r.probabilities[r.predicted]:.3f})")
+    print(f"{len(rows)} of {len(jobs)} case(s) classified into {target}" + (f"; {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
 def _fmt(v: float) -> str:
     return "   nan" if not math.isfinite(v) else f"{v:6.3f}"
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if Path(args.pred).suffix.lower() == ".csv":  # image-level classification: one row of probabilities per case
+        from ..classification_eval import evaluate_classification, format_summary
+
+        report = evaluate_classification(args.pred, args.ref, Path(args.out or Path(args.pred).parent),
+                                         n_boot=args.bootstrap, seed=args.seed, plots=not args.no_plot)
+        print(format_summary(report))
+        return 1 if report["unmatched"]["predictions_without_reference"] else 0
     from ..evaluate import FIELDS, dice_boxplot, evaluate_folders, summarize, write_csv
 
     rows, problems = evaluate_folders(Path(args.pred), Path(args.ref), args.classes, args.tolerance,
@@ -80,7 +122,8 @@ def add_predict(sub: Subparsers) -> None:
     Args:
         sub: the subcommands of the ``med3d`` parser.
     """
-    p = sub.add_parser("predict", help="segment new scans; label maps in the scans' own geometry")
+    p = sub.add_parser("predict", help="segment new scans (label maps in the scans' own geometry) or classify "
+                       "them (predictions.csv of class probabilities)")
     p.add_argument("checkpoint", help="med3d checkpoint (from pretrain / finetune)")
     p.add_argument("inputs", nargs="+", help="image files (NIfTI, NRRD, MHA), DICOM series folders, image "
                    "folders or dataset folders")
@@ -91,6 +134,11 @@ def add_predict(sub: Subparsers) -> None:
     p.add_argument("--sw-batch", type=int, default=2, help="windows per forward pass")
     p.add_argument("--probabilities", action="store_true", help="also write softmax maps (CASE_probs.nii.gz)")
     p.add_argument("--preview", action="store_true", help="also write a PNG preview per case")
+    p.add_argument("--center", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="classification: the ROI centre of the one scan, world mm in ITK's LPS convention "
+                   "(3D Slicer shows RAS: negate x and y)")
+    p.add_argument("--roi-mask", nargs="+", metavar="MASK",
+                   help="classification: a mask per scan (same order) whose centroid is the ROI centre")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true")
@@ -103,12 +151,19 @@ def add_evaluate(sub: Subparsers) -> None:
     Args:
         sub: the subcommands of the ``med3d`` parser.
     """
-    p = sub.add_parser("evaluate", help="Dice / HD95 / surface Dice of predictions against references")
-    p.add_argument("pred", help="folder of predicted label maps")
-    p.add_argument("ref", help="folder of reference label maps, or a dataset folder (labelsTr, label names)")
+    p = sub.add_parser("evaluate", help="Dice / HD95 / surface Dice of predictions against references; "
+                       "accuracy / AUC / calibration for a classification predictions CSV")
+    p.add_argument("pred", help="folder of predicted label maps, or a classification predictions CSV "
+                   "(case,predicted,prob_0,...,prob_{K-1})")
+    p.add_argument("ref", help="folder of reference label maps, or a dataset folder (labelsTr, label names); for a "
+                   "predictions CSV: a dataset.json (or its folder) with a 'class' per entry, or a CSV image,class")
     p.add_argument("--classes", type=int, nargs="+", help="label values to evaluate (default: all present)")
     p.add_argument("--tolerance", type=float, default=2.0, help="surface-Dice tolerance in mm (default 2)")
-    p.add_argument("--out", help="where metrics.csv, summary.csv and the box plot go (default: PRED)")
-    p.add_argument("--no-plot", action="store_true", help="skip the Dice box plot")
+    p.add_argument("--out", help="where metrics.csv, summary.csv and the box plot go (default: PRED); for a "
+                   "predictions CSV, classification_metrics.json and the plots (default: the CSV's folder)")
+    p.add_argument("--bootstrap", type=int, default=2000, metavar="N",
+                   help="classification: bootstrap resamples for the AUC 95%% CI (default 2000; 0: none)")
+    p.add_argument("--seed", type=int, default=0, help="classification: bootstrap seed (default 0)")
+    p.add_argument("--no-plot", action="store_true", help="skip the plots")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_evaluate)

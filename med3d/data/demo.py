@@ -262,5 +262,149 @@ def is_complete(folder: Path) -> bool:
     if not meta_path.is_file():
         return False
     meta = json.loads(meta_path.read_text())
-    files = [c[k] for c in meta["training"] for k in ("image", "label")] + list(meta["test"])
-    return all((folder / f).is_file() for f in files)
+    entries = [*meta["training"], *meta.get("test", [])]
+    files = [e[k] if isinstance(e, dict) else e for e in entries for k in ("image", "label", "mask")
+             if not isinstance(e, dict) or k in e]
+    return all((folder / f).is_file() for f in dict.fromkeys(files))
+
+
+# ---------------------------------------------------------------- classification demo: lung nodules
+
+NODULE_DEMO = "Task90_NoduleDemo"
+NODULE_CLASSES = {"0": "benign", "1": "malignant"}
+_LPS = np.diag([-1.0, -1.0, 1.0])  # RAS -> LPS: dataset.json centres are ITK world coordinates
+
+
+def _chest(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[float]) -> Arr:
+    """CT chest slab in HU: soft-tissue body, two aerated lungs with vessels, array (X, Y, Z)."""
+    x, y, z = _grid(shape, spacing)
+    fov = np.asarray(shape) * spacing
+    body = ((x / (fov[0] * 0.48)) ** 2 + (y / (fov[1] * 0.42)) ** 2) < 1
+    lungs = np.zeros(shape, bool)
+    for side in (-1, 1):  # plain ellipsoids: the lesion, not the lungs, is what the task is about
+        r = fov * [0.17, 0.32, 0.62] * rng.uniform(0.9, 1.1, 3)
+        lungs |= ((x - side * fov[0] * 0.21) / r[0]) ** 2 + ((y - rng.uniform(-3, 3)) / r[1]) ** 2 + (z / r[2]) ** 2 < 1
+    lungs &= body
+    texture = _noise(shape, rng, 1.2)
+    hu = np.full(shape, -1000.0, np.float32)
+    hu[body] = 40.0
+    hu[lungs] = -850.0 + 25 * texture[lungs]  # parenchyma
+    hu[lungs & (texture > 2.2)] = -80.0  # vessels: small bright dots, distractors the size of spicules
+    return hu
+
+
+def _unit_vectors(rng: np.random.Generator, n: int) -> Arr:
+    v = rng.standard_normal((n, 3))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _nodule(d: Arr, voxel_mm3: float, radius: float, spiculated: bool, rng: np.random.Generator) -> Arr:
+    """Lesion mask from offsets ``d`` (3, ...) mm to its centre: a smooth ellipsoid (class 0) or a lobulated,
+    spiculated lesion (class 1) of the same volume, so that the class shows in the margin, not the size."""
+    target = 4 / 3 * np.pi * radius ** 3 / voxel_mm3  # voxels of a sphere of ``radius``
+    if not spiculated:
+        axes = rng.uniform(0.8, 1.2, 3)
+        axes *= radius / np.prod(axes) ** (1 / 3)  # the sphere's volume
+        e = np.tensordot(_rotation(rng, 90), d, axes=1)
+        return sum((e[i] / axes[i]) ** 2 for i in range(3)) < 1
+    dist = np.sqrt((d ** 2).sum(0)) + 1e-6
+    u = d / dist
+    lobes = sum(w * np.clip(np.tensordot(v, u, axes=1), 0, None) ** 4
+                for v, w in zip(_unit_vectors(rng, 5), rng.uniform(0.3, 0.6, 5)))
+    shape_r = 0.75 + lobes  # star-shaped core: relative radius per direction
+    spicules = np.zeros(dist.shape, bool)
+    for s, length in zip(_unit_vectors(rng, int(rng.integers(6, 11))), rng.uniform(1.6, 2.6, 10)):
+        a = np.tensordot(s, d, axes=1)  # distance along the spicule
+        reach = length * radius
+        width = 1.6 * (1 - a / reach) + 0.5  # tapering towards its tip
+        spicules |= (a > 0) & (a < reach) & (dist ** 2 - a ** 2 < width ** 2)
+    # Scale the core so that core + spicules has the sphere's volume (a star shape scales as r^3).
+    extra = np.count_nonzero(spicules & (dist > radius * shape_r))
+    core_voxels = max(np.count_nonzero(dist < radius * shape_r), 1)
+    scale = np.clip(max(target - extra, 0.5 * target) / core_voxels, 0.3, 1.5) ** (1 / 3)
+    return (dist < radius * scale * shape_r) | spicules
+
+
+def nodule_case(rng: np.random.Generator, label: int, shape_zyx: Sequence[int] = (48, 64, 64),
+                spacing: float = 1.5) -> Tuple[Arr, Arr, Arr, List[float]]:
+    """One chest CT with one lung lesion of class ``label`` (0 smooth, 1 spiculated).
+
+    Args:
+        rng: the case's random generator.
+        label: the class.
+        shape_zyx: volume size (z, y, x).
+        spacing: isotropic voxel size in mm.
+
+    Returns:
+        (image int16 HU (X, Y, Z), lesion mask uint8 (X, Y, Z), RAS affine, lesion centre [x, y, z] LPS mm).
+    """
+    shape = tuple(reversed(shape_zyx))
+    sp = np.array((spacing,) * 3)
+    hu = _chest(rng, shape, sp)
+    fov = np.asarray(shape) * sp
+    side = rng.choice([-1, 1])
+    centre = np.array([side * fov[0] * 0.21 + rng.uniform(-3, 3), rng.uniform(-0.12, 0.12) * fov[1],
+                       rng.uniform(-0.15, 0.15) * fov[2]], np.float32)
+    radius = rng.uniform(4.5, 7.5)
+    index = centre / sp + (np.asarray(shape) - 1) / 2  # _grid is centred on the volume
+    # Only a box around the lesion is computed: spicules reach at most 2.6 radii.
+    half = np.ceil(2.7 * radius / sp).astype(int) + 2
+    lo = np.maximum(np.round(index).astype(int) - half, 0)
+    hi = np.minimum(np.round(index).astype(int) + half + 1, shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    d = np.stack(np.meshgrid(*[(np.arange(a, b) - i) * s for a, b, i, s in zip(lo, hi, index, sp)],
+                             indexing="ij")).astype(np.float32)
+    mask = np.zeros(shape, bool)
+    mask[box] = _nodule(d, float(np.prod(sp)), radius, bool(label), rng)
+    soft = ndimage.gaussian_filter(mask[box].astype(np.float32), 0.7)  # partial volume at the margin
+    hu[box] = hu[box] * (1 - soft) + rng.uniform(10, 50) * soft
+    hu += 15 * rng.standard_normal(shape).astype(np.float32)
+    affine = _affine(sp, shape, True, rng)
+    world = _LPS @ (affine[:3, :3] @ index + affine[:3, 3])
+    image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
+    return image, mask.astype(np.uint8), affine, [round(float(v), 3) for v in world]
+
+
+def write_nodule_demo(root: str | Path, n_train: int = 20, n_test: int = 4, seed: int = 0,
+                      shape_zyx: Sequence[int] = (48, 64, 64), spacing: float = 1.5,
+                      crop_mm: Sequence[float] = (48.0, 48.0, 48.0)) -> Path:
+    """Write ``Task90_NoduleDemo``: a Decathlon-style lung-nodule classification dataset.
+
+    Each CT holds one lesion; class 0 (benign) is a smooth ellipsoid, class 1 (malignant) a lobulated,
+    spiculated lesion of the same volume. Classes alternate, so they are balanced. Training entries carry
+    ``class``, ``center`` (world x, y, z mm, LPS) and ``mask``; test entries ``image`` and ``center``.
+
+    Args:
+        root: folder to write the task folder into.
+        n_train: training cases.
+        n_test: test cases (their classes are not written).
+        seed: random seed; the same seed writes the same files.
+        shape_zyx: volume size (z, y, x).
+        spacing: isotropic voxel size in mm.
+        crop_mm: the ROI box (z, y, x) mm written as the dataset's ``crop_mm``.
+
+    Returns:
+        The task folder (its dataset.json is written last).
+    """
+    out = Path(root) / NODULE_DEMO
+    training, test = [], []
+    for i in range(n_train + n_test):
+        rng = np.random.default_rng([seed, 90, i])
+        image, mask, affine, centre = nodule_case(rng, i % 2, shape_zyx, spacing)
+        case = f"nodule_{i:03d}.nii.gz"
+        if i < n_train:
+            _save_nifti(out / "imagesTr" / case, image, affine)
+            _save_nifti(out / "masksTr" / case, mask, affine)
+            training.append({"image": f"./imagesTr/{case}", "class": i % 2, "center": centre,
+                             "mask": f"./masksTr/{case}"})
+        else:
+            _save_nifti(out / "imagesTs" / case, image, affine)
+            test.append({"image": f"./imagesTs/{case}", "center": centre})
+    meta = {
+        "name": "NoduleDemo", "description": "synthetic CT lung nodules: smooth (benign) vs spiculated (malignant)",
+        "reference": "med3d demo generator", "licence": "CC-BY-SA 4.0", "release": "1.0", "tensorImageSize": "3D",
+        "modality": {"0": "CT"}, "classes": NODULE_CLASSES, "crop_mm": [float(v) for v in crop_mm],
+        "numTraining": n_train, "numTest": n_test, "training": training, "test": test,
+    }
+    write_json_atomic(out / "dataset.json", meta)
+    return out

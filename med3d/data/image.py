@@ -65,6 +65,20 @@ class Geometry:
         return ""
 
 
+def shifted_grid(geom: Geometry, shape_zyx: Sequence[int], start_zyx: Sequence[float],
+                 scale_zyx: Sequence[float]) -> Geometry:
+    """The grid of ``shape_zyx`` voxels whose first voxel centre sits at index ``start_zyx`` of ``geom``
+    and whose voxels are ``scale_zyx`` of ``geom``'s (the same direction)."""
+    direction = np.asarray(geom.direction, dtype=float).reshape(3, 3)
+    spacing = np.asarray(geom.spacing, dtype=float)
+    start_xyz = np.asarray(list(reversed([float(v) for v in start_zyx])))
+    origin = np.asarray(geom.origin, dtype=float) + direction @ (start_xyz * spacing)
+    new_spacing = spacing * np.asarray(list(reversed([float(v) for v in scale_zyx])))
+    return Geometry(tuple(int(s) for s in shape_zyx), tuple(float(v) for v in new_spacing),  # type: ignore[arg-type]
+                    tuple(float(v) for v in origin), geom.direction)  # type: ignore[arg-type]
+
+
+
 def _fmt(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import Med3DError
 from .cache import CachedCase
+from .class_cache import network_input
 
 MIXING = ("round_robin", "proportional", "temperature")
 
@@ -28,7 +29,7 @@ class CaseReader:
     """Memory-maps cached arrays (opened once per process), so a patch never decodes a whole volume."""
 
     def __init__(self) -> None:
-        self._open: Dict[str, Tuple[np.ndarray, np.ndarray, Dict[str, np.ndarray]]] = {}
+        self._open: Dict[str, Any] = {}
 
     def get(self, case: CachedCase) -> Tuple[np.ndarray, np.ndarray, Dict[str, np.ndarray]]:
         key = str(case.data)
@@ -38,6 +39,13 @@ class CaseReader:
             with np.load(case.locs) as z:
                 locs = {k: z[k] for k in z.files}
             self._open[key] = (data, seg, locs)
+        return self._open[key]
+
+    def region(self, case: Any) -> np.ndarray:
+        """A classification case's stored region, memory-mapped."""
+        key = str(case.data)
+        if key not in self._open:
+            self._open[key] = np.load(case.data, mmap_mode="r")
         return self._open[key]
 
 
@@ -116,10 +124,12 @@ def build_augment(aug: Any, spatial_dims: int = 3):
 @dataclass
 class TaskData:
     name: str
-    cases: List[CachedCase]
+    cases: List[Any]  # CachedCase (segmentation) or ClassCached (classification)
     plan: Dict[str, Any]
     channels: Optional[List[int]] = None  # None: all channels
     loss_weight: float = 1.0
+    kind: str = "segmentation"  # or "classification"
+    class_balance: bool = True  # classification: each class drawn equally often
 
 
 class MixSchedule:
@@ -156,6 +166,8 @@ class PatchBatches(Dataset):
         return 2 ** 62
 
     def sample(self, task: TaskData, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, bool]:
+        if task.kind == "classification":
+            return self.sample_region(task, rng)
         case = task.cases[int(rng.integers(len(task.cases)))]
         data, seg, locs = self.reader.get(case)
         forced = bool(rng.random() < self.foreground_share)
@@ -164,6 +176,22 @@ class PatchBatches(Dataset):
         if task.channels is not None:
             img = img[task.channels]
         return img, lab, forced
+
+    def sample_region(self, task: TaskData, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, bool]:
+        """A classification case's region, cut to the patch with a small random shift; its class as ``(1,)``."""
+        if task.class_balance:
+            classes = sorted({c.label for c in task.cases})
+            label = classes[int(rng.integers(len(classes)))]
+            pool = [c for c in task.cases if c.label == label]
+        else:
+            pool = task.cases
+        case = pool[int(rng.integers(len(pool)))]
+        data = self.reader.region(case)
+        shift = [int(rng.integers(-(p // 8), p // 8 + 1)) for p in self.patch_size]
+        img = network_input(data, task.plan, self.patch_size, shift)
+        if task.channels is not None:
+            img = img[task.channels]
+        return img, np.array([case.label], dtype=np.int64), False
 
     def __getitem__(self, key: Tuple[int, int]) -> Dict[str, Any]:
         step, slot = key
@@ -174,8 +202,10 @@ class PatchBatches(Dataset):
             img, lab, f = self.sample(task, rng)
             if self.augment is not None:
                 self.augment.set_random_state(seed=int(rng.integers(2 ** 31)))
-                out = self.augment({"image": torch.from_numpy(img), "label": torch.from_numpy(lab)})
-                img, lab = out["image"], out["label"]
+                voxelwise = lab.ndim == img.ndim  # a label map moves with the image; a class does not
+                seg = lab if voxelwise else np.zeros((1, *img.shape[1:]), np.int64)
+                out = self.augment({"image": torch.from_numpy(img), "label": torch.from_numpy(seg)})
+                img, lab = out["image"], (out["label"] if voxelwise else lab)
             images.append(torch.as_tensor(img, dtype=torch.float32))
             labels.append(torch.as_tensor(lab).round().long())
             forced.append(f)

@@ -73,8 +73,8 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:
         axes[0].plot([r["iteration"] for r in train], [r["loss"] for r in train], lw=1)
     axes[0].set(title="training loss", xlabel="iteration")
     if val:
-        axes[1].plot([r["iteration"] for r in val], [r["mean_dice"] for r in val], "o-")
-    axes[1].set(title="validation mean Dice", xlabel="iteration", ylim=(0, 1))
+        axes[1].plot([r["iteration"] for r in val], [r["score"] for r in val], "o-")
+    axes[1].set(title="validation score (mean over tasks)", xlabel="iteration", ylim=(0, 1))
     fig.tight_layout()
     write_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=90))
     plt.close(fig)

@@ -14,10 +14,14 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..config import Config
-from ..data.cache import CachedCase, check_prepared, load_cache, prepare_dataset
+from ..data.cache import CachedCase, cache_folder, check_prepared, load_cache, prepare_dataset
+from ..data.class_cache import load_class_cache, prepare_classification
+from ..data.classification import (is_classification_dataset, read_classification_dataset,
+                                   require_valid_classification)
 from ..data.datalist import read_dataset
 from ..data.sampler import TaskData
 from ..errors import Med3DError
+from ..tasks import kind_for_head
 from .distributed import DistInfo
 
 
@@ -39,13 +43,33 @@ def check_tasks(cfg: Config) -> None:
         if task not in heads:
             raise Med3DError(f"data.datasets.{task}: no head for this task in model.heads "
                              f"(heads: {', '.join(heads) or 'none'}); add one or rename the dataset entry")
-        if not Path(entry.path).is_dir():
-            raise Med3DError(f"data.datasets.{task}.path: dataset folder {entry.path} not found")
+        if not Path(entry.path).exists():
+            raise Med3DError(f"data.datasets.{task}.path: dataset {entry.path} not found")
+        _check_kind(task, entry.path, heads[task].type)
         if entry.descriptor and not Path(entry.descriptor).is_file():
             raise Med3DError(f"data.datasets.{task}.descriptor: {entry.descriptor} not found")
     for task in heads:
         if task not in datasets:
             raise Med3DError(f"model.heads.{task}: no dataset for this head in data.datasets; add one or drop the head")
+
+
+def is_classification(cfg: Config, task: str) -> bool:
+    """Whether ``task``'s head is trained as an image-level classifier."""
+    return kind_for_head(cfg.model.heads[task].type, f"model.heads.{task}.type").name == "classification"
+
+
+def _check_kind(task: str, path: str, head_type: str) -> None:
+    """A classification head needs a classification dataset, and a segmentation head a segmentation one."""
+    wants = kind_for_head(head_type, f"model.heads.{task}.type").name == "classification"
+    has = is_classification_dataset(path)
+    if wants and not has:
+        raise Med3DError(f"task {task}: a '{head_type}' head needs a classification dataset (dataset.json entries "
+                         f"with 'class', a CSV or a MedMNIST .npz) but {path} is not one")
+    if has and not wants:
+        raise Med3DError(f"task {task}: {path} is a classification dataset but its head is '{head_type}'; "
+                         "use a 'classification' head")
+    if not has and not Path(path).is_dir():
+        raise Med3DError(f"data.datasets.{task}.path: {path} is a file; a segmentation dataset is a folder")
 
 
 def _channels(cfg: Config, task: str, n: int) -> Optional[List[int]]:
@@ -73,14 +97,33 @@ def _split(cases: List[CachedCase], cfg: Config, task: str):
     if cfg.data.val_fraction > 0 and len(cases) >= 2:
         n_val = max(1, n_val)
     n_val = min(n_val, len(cases) - 1)
-    train, val = shuffled[n_val:], shuffled[:n_val]
+    return _limit(shuffled[n_val:], cfg, task), shuffled[:n_val]
+
+
+def _limit(train: List[Any], cfg: Config, task: str) -> List[Any]:
+    """The first ``data.train_cases`` training cases (a count or a fraction), for small-data studies."""
     limit = cfg.data.train_cases
-    if limit is not None:
-        k = int(limit) if isinstance(limit, int) else int(round(limit * len(train)))
-        if k < 1:
-            raise Med3DError(f"data.train_cases {limit} leaves no training case for task {task}")
-        train = train[:k]
-    return train, val
+    if limit is None:
+        return train
+    k = int(limit) if isinstance(limit, int) else int(round(limit * len(train)))
+    if k < 1:
+        raise Med3DError(f"data.train_cases {limit} leaves no training case for task {task}")
+    return train[:k]
+
+
+def _prepare_classes(entry: Any, cache_dir: str, prepare: bool, check: bool, progress: bool) -> Path:
+    if not prepare:
+        folder = cache_folder(cache_dir, entry.path)
+        if not (folder / "plan.json").is_file():
+            raise Med3DError(f"dataset {entry.path} is not prepared in {cache_dir}; run 'med3d prepare --config "
+                             "CONFIG' before starting the ranks")
+        return folder
+    ds = read_classification_dataset(entry.path)
+    if check:
+        require_valid_classification(ds)
+    return prepare_classification(ds, entry.path, cache_dir,
+                                  spacing=entry.spacing, crop_mm=entry.crop_mm,
+                                  normalization=entry.normalization, progress=progress)
 
 
 def ensure_prepared(cfg: Config, prepare: bool, progress: bool = True) -> Dict[str, Path]:
@@ -99,6 +142,9 @@ def ensure_prepared(cfg: Config, prepare: bool, progress: bool = True) -> Dict[s
     """
     folders = {}
     for task, entry in cfg.data.datasets.items():
+        if is_classification(cfg, task):
+            folders[task] = _prepare_classes(entry, cfg.data.cache_dir, prepare, cfg.data.check, progress)
+            continue
         overrides = dict(descriptor=entry.descriptor, spacing=entry.spacing, normalization=entry.normalization)
         if not prepare:
             folders[task] = check_prepared(entry.path, cfg.data.cache_dir, **overrides)
@@ -110,6 +156,35 @@ def ensure_prepared(cfg: Config, prepare: bool, progress: bool = True) -> Dict[s
                              f"{result.failed[0]}")
         folders[task] = result.folder
     return folders
+
+
+def _class_task(cfg: Config, task: str, folder: Path, val: Dict[str, Any], plans: Dict[str, Any],
+                channels: Dict[str, Any], adapters: Dict[str, int]) -> TaskData:
+    """One classification task: its cached regions, split (the dataset's own validation cases if it has them)."""
+    entry = cfg.data.datasets[task]
+    ds = read_classification_dataset(entry.path)
+    plan, cases = load_class_cache(folder, [c.case_id for c in ds.cases])
+    n_cls = len(plan["classes"])
+    if cfg.model.heads[task].num_classes != n_cls:
+        raise Med3DError(f"model.heads.{task}.num_classes is {cfg.model.heads[task].num_classes} but dataset "
+                         f"{entry.path} declares {n_cls} classes")
+    bad = [c for c in cases if c.label is None or not 0 <= c.label < n_cls]
+    if bad:
+        raise Med3DError(f"task {task}: case {bad[0].case_id} has class {bad[0].label}, outside the declared "
+                         f"0..{n_cls - 1}; fix {entry.path}")
+    if ds.val_cases:  # the dataset's own split; the training subset is still a seeded draw
+        order = np.random.default_rng([cfg.run.seed, 11]).permutation(len(cases))
+        train = _limit([cases[i] for i in order], cfg, task)
+        held = load_class_cache(folder, [c.case_id for c in ds.val_cases])[1]
+    else:
+        train, held = _split(cases, cfg, task)
+    channels[task] = _channels(cfg, task, len(plan["channel_names"]))
+    if channels[task] is None and len(plan["channel_names"]) != cfg.model.encoder.in_channels:
+        adapters[task] = len(plan["channel_names"])
+    plans[task] = {**plan, "channels": channels[task]}
+    val[task] = held
+    return TaskData(task, train, plan, channels[task], entry.loss_weight, kind="classification",
+                    class_balance=cfg.data.class_balance)
 
 
 def setup_data(cfg: Config, info: DistInfo, progress: bool = True) -> DataSetup:
@@ -130,6 +205,9 @@ def setup_data(cfg: Config, info: DistInfo, progress: bool = True) -> DataSetup:
     folders = ensure_prepared(cfg, prepare=info.world == 1, progress=progress and info.is_main)
     tasks, val, plans, channels, adapters = [], {}, {}, {}, {}
     for task, entry in cfg.data.datasets.items():
+        if is_classification(cfg, task):
+            tasks.append(_class_task(cfg, task, folders[task], val, plans, channels, adapters))
+            continue
         declared = [c.case_id for c in read_dataset(entry.path).cases]
         plan, cases = load_cache(folders[task], declared)
         n_labels = len(plan["labels"])

@@ -30,7 +30,7 @@ from ..tasks import kind_for_head
 from ..transfer.policies import init_state_dict
 from ..transfer.load import load_pretrained
 from .checkpoints import load_training, prune, publish_last, save_training, set_rng_state
-from .distributed import DistInfo, cleanup, init_distributed, mean_across
+from .distributed import cleanup, init_distributed, mean_across
 from .logger import RunLogger, plot_curves
 from .optim import build_optimizer, build_scheduler, check_stages, set_frozen
 from .resume import resume_config
@@ -39,6 +39,18 @@ from .validation import run_validation
 
 log = logging.getLogger("med3d.train")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def training_kernels(amp: Optional[torch.dtype], device: torch.device) -> contextlib.AbstractContextManager:
+    """The kernels a training step runs under.
+
+    oneDNN's bf16 conv3d weight gradient on CPU (torch 2.13, oneDNN 3.12) returns garbage or NaN
+    for inputs two voxels deep with 16 or more channels, which a 16-slice patch reaches at stride
+    8; bf16 training on CPU therefore uses ATen's own kernels. Elsewhere nothing changes.
+    """
+    if amp == torch.bfloat16 and device.type == "cpu":
+        return torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None)
+    return contextlib.nullcontext()
 
 
 def preflight(cfg: Config, job: str) -> None:
@@ -291,7 +303,7 @@ class Trainer:
 
     def train_step(self, step: int) -> float:
         """``train.accumulate`` micro-batches of one task, then one optimizer step; returns the step's loss."""
-        cfg, info = self.cfg, self.info
+        cfg = self.cfg
         self.opt.zero_grad(set_to_none=True)
         with self.kernels():
             total, task = self.micro_batches()
@@ -306,16 +318,8 @@ class Trainer:
         return total
 
     def kernels(self) -> contextlib.AbstractContextManager:
-        """The kernel choice for a training step.
-
-        oneDNN's bf16 conv3d weight gradient on CPU (torch 2.13, oneDNN 3.12) returns garbage or NaN
-        for inputs two voxels deep with 16 or more channels, which a 16-slice patch reaches at
-        stride 8; bf16 training on CPU therefore uses ATen's own kernels.
-        """
-        if self.amp == torch.bfloat16 and self.info.device.type == "cpu":
-            return torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None,
-                                               fp32_precision=None)
-        return contextlib.nullcontext()
+        """The kernel choice for a training step (``training_kernels``)."""
+        return training_kernels(self.amp, self.info.device)
 
     def micro_batches(self) -> Tuple[float, str]:
         """Forward and backward ``train.accumulate`` micro-batches; returns their summed loss and the task."""
@@ -445,11 +449,16 @@ def train(cfg: Config, job: str = "pretrain", resume: Optional[str] = None, prog
 def describe(summary: Dict[str, Any]) -> str:
     """The end-of-run lines printed by the CLI."""
     best = summary["best"]
+    final = summary["final"]
     lines = [f"{summary['job']}: {summary['iterations']} iterations in {summary['seconds']:.1f} s "
              f"({summary['samples_per_s']:.1f} samples/s on {summary['device']} x{summary['world_size']})",
-             f"final mean Dice {summary['final']['mean_dice']:.3f}"
+             f"final score {final['score']:.3f}" + (f", mean Dice {final['mean_dice']:.3f}"
+                                                    if np.isfinite(final["mean_dice"]) else "")
              + (f"; best {best['metric']:.3f} at iteration {best['iteration']}" if best["metric"] is not None else "")]
-    for task, entry in summary["final"]["tasks"].items():
-        per = ", ".join(f"{k} {v:.3f}" for k, v in entry["dice"].items())
-        lines.append(f"  {task}: Dice {per}")
+    for task, entry in final["tasks"].items():
+        if "dice" in entry:
+            lines.append(f"  {task}: Dice " + ", ".join(f"{k} {v:.3f}" for k, v in entry["dice"].items()))
+        else:
+            lines.append(f"  {task}: AUC {entry['auc']:.3f}, balanced accuracy {entry['balanced_accuracy']:.3f}, "
+                         f"accuracy {entry['accuracy']:.3f} ({entry['cases']} held-out cases)")
     return "\n".join(lines)

@@ -12,29 +12,28 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..data.cache import CachedCase
 from ..inference.window import evaluating
 from ..tasks.base import TaskKind
 from ..tasks.segmentation import nanmean
 from .distributed import DistInfo, gather_objects
 
 
-def _load_case(case: CachedCase, channels: Optional[List[int]], device: torch.device):
-    data = np.load(case.data)
-    if channels is not None:
-        data = data[channels]
-    return torch.from_numpy(np.ascontiguousarray(data))[None].to(device), np.load(case.seg)[0]
+def _load_case(kind: TaskKind, case: Any, plan: Dict[str, Any], patch: Sequence[int], device: torch.device):
+    data, target = kind.load_case(case, plan, patch)
+    if plan.get("channels") is not None:
+        data = data[plan["channels"]]
+    return torch.from_numpy(np.ascontiguousarray(data))[None].to(device), target
 
 
 @torch.no_grad()
-def run_validation(model: nn.Module, val: Dict[str, List[CachedCase]], plans: Dict[str, Dict[str, Any]],
+def run_validation(model: nn.Module, val: Dict[str, List[Any]], plans: Dict[str, Dict[str, Any]],
                    kinds: Dict[str, TaskKind], patch: Sequence[int], val_cfg: Any, info: DistInfo,
                    amp_dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
     """Score every task on its held-out cases.
 
     Args:
         model: the multi-task model (not the DDP wrapper).
-        val: held-out cached cases per task.
+        val: held-out cached cases per task (segmentation volumes or classification regions).
         plans: each task's plan, with ``channels`` (the channel selection, or None).
         kinds: each task's kind.
         patch: the sliding window (the training patch size).
@@ -51,7 +50,7 @@ def run_validation(model: nn.Module, val: Dict[str, List[CachedCase]], plans: Di
     with evaluating(model):
         for i, (task, case) in enumerate(jobs):
             if i % info.world == info.rank:
-                image, target = _load_case(case, plans[task].get("channels"), info.device)
+                image, target = _load_case(kinds[task], case, plans[task], patch, info.device)
                 mine.append((task, kinds[task].evaluate_case(model, image, target, task, plans[task], patch,
                                                              val_cfg, amp_dtype)))
     rows = [r for part in gather_objects(info, mine) for r in part]
@@ -59,7 +58,7 @@ def run_validation(model: nn.Module, val: Dict[str, List[CachedCase]], plans: Di
     for task in val:
         own = [m for t, m in rows if t == task]
         if own:
-            tasks[task] = kinds[task].summarize(own, plans[task])
+            tasks[task] = kinds[task].summarize(own, plans[task], val_cfg)
     seg = [e["mean_dice"] for e in tasks.values() if "mean_dice" in e]
     return {"tasks": tasks, "score": float(nanmean(np.array([e["score"] for e in tasks.values()]))),
             "mean_dice": float(nanmean(np.array(seg)))}

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..data.image import Geometry, Image, read_channels
+from ..data.image import Geometry, Image, read_channels, strip_suffix
 from ..data.preprocess import preprocess
 from ..errors import Med3DError
 from ..models.multitask import MultiTaskModel
@@ -76,7 +76,12 @@ class Predictor:
             raise Med3DError(f"--task {task}: not in the checkpoint (tasks: {', '.join(tasks)})")
         return task
 
-    def _plan_for(self, image: Image, task: str, where: str) -> Dict[str, Any]:
+    def plan_for(self, image: Image, task: str, where: str) -> Dict[str, Any]:
+        """``task``'s plan for a scan with ``image``'s channels (all of the training channels, or the ones it read).
+
+        Raises:
+            Med3DError: the channel count fits neither.
+        """
         plan = dict(self.meta["plans"][task])
         n_plan, chosen = len(plan["channel_names"]), plan.get("channels")
         if image.channels == n_plan:
@@ -111,7 +116,7 @@ class Predictor:
             Med3DError: the scan's channel count does not fit the task.
         """
         task = self.task(task)
-        plan = self._plan_for(image, task, where)
+        plan = self.plan_for(image, task, where)
         data, _, props = preprocess(image, None, plan)
         if plan.get("channels") is not None:
             data = data[plan["channels"]]
@@ -125,22 +130,32 @@ class Predictor:
 
 
 def predict(model_or_checkpoint: Union[PathLike, Predictor], image: Union[PathLike, Sequence[PathLike], Image],
-            task: Optional[str] = None, **kw: Any) -> Prediction:
-    """Segment one scan (a path, per-channel paths, a DICOM folder or an ``Image``); for notebooks.
+            task: Optional[str] = None, **kw: Any) -> Any:
+    """Segment or classify one scan (a path, per-channel paths, a DICOM folder or an ``Image``); for notebooks.
 
     Args:
         model_or_checkpoint: a checkpoint path or a ``Predictor`` (reuse it for many scans).
         image: the scan.
         task: which head (None: the only one).
-        **kw: ``Predictor.__call__`` options (overlap, mirror, sw_batch_size, probabilities).
+        **kw: ``Predictor.__call__`` options (overlap, mirror, sw_batch_size, probabilities) for a
+            segmentation task; ``center_mm`` (the ROI centre, world x, y, z mm, LPS) for a
+            classification task.
 
     Returns:
-        The prediction on the scan's own grid.
+        A ``Prediction`` on the scan's own grid, or for a classification task the class
+        probabilities (``med3d.inference.classify.ClassProbabilities``).
     """
+    from .classify import classify, is_classifier
+
     predictor = model_or_checkpoint if isinstance(model_or_checkpoint, Predictor) \
         else Predictor.from_checkpoint(model_or_checkpoint)
     if not isinstance(image, Image):
         paths = [image] if isinstance(image, (str, Path)) else list(image)
         image = read_channels(paths)
         kw.setdefault("where", str(paths[0]))
+        kw.setdefault("case_id", strip_suffix(paths[0]))
+    if is_classifier(predictor, predictor.task(task)):
+        return classify(predictor, image, task, kw.get("center_mm"), kw.get("case_id", "case"),
+                        kw.get("where", "input"))
+    kw.pop("case_id", None)
     return predictor(image, task, **kw)

@@ -10,6 +10,7 @@ from typing import Any, Dict
 
 import numpy as np
 
+from ..data.image import Geometry
 from ..data.preprocess import resample
 
 
@@ -56,3 +57,32 @@ def restore_probabilities(probs: np.ndarray, props: Dict[str, Any], plan: Dict[s
     full[0] = 1.0
     full[(slice(None),) + _crop_region(props)] = _to_cropped_grid(probs, props, plan)
     return full
+
+
+def resample_onto(volume: np.ndarray, src: Geometry, dst: Geometry) -> np.ndarray:
+    """A ``(Z, Y, X)`` volume on grid ``src`` resampled onto grid ``dst`` through world space.
+
+    Trilinear; 0 where ``dst`` lies outside ``src``. Used where the network saw a region cut from
+    the scan (classification), whose grid is not a crop of the scan's own.
+
+    Args:
+        volume: the values on ``src`` (shape ``src.shape``).
+        src: its grid (spacing, origin, direction in x, y, z order, LPS).
+        dst: the target grid.
+
+    Returns:
+        float32 ``dst.shape``.
+    """
+    import SimpleITK as sitk
+
+    def grid(geom: Geometry, array: np.ndarray) -> "sitk.Image":
+        img = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+        img.SetSpacing([float(v) for v in geom.spacing])
+        img.SetOrigin([float(v) for v in geom.origin])
+        img.SetDirection([float(v) for v in geom.direction])
+        return img
+
+    out = sitk.Resample(grid(src, volume), grid(dst, np.zeros(dst.shape, np.float32)), sitk.Transform(),
+                        sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out)
+

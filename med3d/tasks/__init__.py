@@ -1,8 +1,8 @@
 """Task kinds: what a head is trained for decides its loss and its validation metric.
 
 Each kind is one module with one object registered here; the trainer asks for a task's kind by
-its head type and never hard-codes a loss or a metric. Segmentation is the only trainable kind
-so far; a ``classification`` head builds, but training it is refused before any work starts.
+its head type and never hard-codes a loss or a metric: segmentation (``med3d``, ``unet`` heads)
+and image-level classification (``classification`` heads).
 """
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import Dict
 
 from ..errors import Med3DError
 from .base import TaskKind
+from .classification import CLASSIFICATION
 from .segmentation import SEGMENTATION
 
-KINDS: Dict[str, TaskKind] = {SEGMENTATION.name: SEGMENTATION}
+KINDS: Dict[str, TaskKind] = {SEGMENTATION.name: SEGMENTATION, CLASSIFICATION.name: CLASSIFICATION}
 
 
 def kind_for_head(head_type: str, where: str) -> TaskKind:

@@ -1,4 +1,4 @@
-"""The interface of a task kind (segmentation today; classification and self-supervised kinds next)."""
+"""The interface of a task kind (segmentation and classification; self-supervised kinds next)."""
 from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence, Tuple
@@ -24,12 +24,16 @@ class TaskKind:
         """The training loss, called as ``loss(logits, target)``."""
         raise NotImplementedError
 
+    def load_case(self, case: Any, plan: Dict[str, Any], patch: Sequence[int]) -> Tuple[Any, Any]:
+        """A held-out cached case as the network input ``(C, ...)`` array and the target to score it against."""
+        raise NotImplementedError
+
     def evaluate_case(self, model: nn.Module, image: torch.Tensor, target: Any, task: str,
                       plan: Dict[str, Any], patch: Sequence[int], val_cfg: Any,
                       amp_dtype: Any) -> Dict[str, List[float]]:
         """Metrics of one held-out case (lists per class), with the model already in eval mode."""
         raise NotImplementedError
 
-    def summarize(self, rows: List[Dict[str, List[float]]], plan: Dict[str, Any]) -> Dict[str, Any]:
+    def summarize(self, rows: List[Dict[str, List[float]]], plan: Dict[str, Any], val_cfg: Any) -> Dict[str, Any]:
         """One task's validation entry from its cases' rows; holds ``score``."""
         raise NotImplementedError

@@ -6,7 +6,7 @@ scores the argmax against the cached label map on the plan grid (distances in mm
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -78,6 +78,9 @@ class Segmentation(TaskKind):
     def loss(self, train_cfg: Any) -> nn.Module:
         return SegLoss(train_cfg.loss, train_cfg.ignore_label)
 
+    def load_case(self, case: Any, plan: Dict[str, Any], patch: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+        return np.load(case.data), np.load(case.seg)[0]  # the whole volume: validation slides a window
+
     def evaluate_case(self, model: nn.Module, image: torch.Tensor, target: Any, task: str,
                       plan: Dict[str, Any], patch: Sequence[int], val_cfg: Any,
                       amp_dtype: Any) -> Dict[str, List[float]]:
@@ -90,7 +93,7 @@ class Segmentation(TaskKind):
             metrics["hd95"] = [r["hd95_mm"] for r in rows]
         return metrics
 
-    def summarize(self, rows: List[Dict[str, List[float]]], plan: Dict[str, Any]) -> Dict[str, Any]:
+    def summarize(self, rows: List[Dict[str, List[float]]], plan: Dict[str, Any], val_cfg: Any) -> Dict[str, Any]:
         names = [n for _, n in _foreground(plan)]
         entry: Dict[str, Any] = {}
         for metric in rows[0]:
