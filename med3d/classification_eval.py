@@ -329,6 +329,10 @@ def _csv_names(values: List[str]) -> Optional[Dict[int, str]]:
     return dict(enumerate(sorted(set(values))))
 
 
+class _NumberedNames(dict):
+    """Class names numbered from the names a reference CSV happens to hold (not a declared table)."""
+
+
 def _reference_csv(path: Path) -> Tuple[Dict[str, int], Optional[Dict[int, str]]]:
     header, rows = _read_rows(path, "reference CSV")
     header = [h.lower() for h in header]
@@ -338,7 +342,8 @@ def _reference_csv(path: Path) -> Tuple[Dict[str, int], Optional[Dict[int, str]]
     for line, fields in rows:
         if len(fields) != len(header):
             raise Med3DError(f"{path}, line {line}: {len(fields)} fields, expected {len(header)} as in the header")
-    names = _csv_names([fields[col_class] for _, fields in rows])
+    found = _csv_names([fields[col_class] for _, fields in rows])
+    names = _NumberedNames(found) if found is not None else None
     classes: Dict[str, int] = {}
     origin: Dict[str, str] = {}
     for line, fields in rows:
@@ -499,6 +504,11 @@ def plot_reliability(report: Dict[str, Any], path: PathLike) -> Optional[Path]:
 
 
 def _names_for(names: Optional[Dict[int, str]], k: int, reference: PathLike, pred_csv: PathLike) -> List[str]:
+    if isinstance(names, _NumberedNames) and len(names) != k:
+        # Numbering names by sorting is only the training numbering when every class appears.
+        raise Med3DError(f"{reference}: its class column names {len(names)} of the {k} classes, so their ids "
+                         "cannot be known; give class ids (0..K-1) instead of names, or a dataset.json with "
+                         "'classes'")
     names = names or {}
     if names and max(names) >= k:
         raise Med3DError(f"{reference}: names {max(names) + 1} classes but {pred_csv} has {k} probability "

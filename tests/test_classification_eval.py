@@ -307,3 +307,12 @@ def test_cli_in_process_bad_reference_and_unmatched_predictions(tmp_path, capsys
     assert f"error: {pred}: no reference for case orphan" in out
     assert (tmp_path / "classification_metrics.json").is_file()  # default --out: the CSV's folder
     assert not (tmp_path / "roc_curve.png").exists()
+
+
+def test_a_reference_csv_naming_only_some_classes_is_refused(tmp_path):
+    pred = tmp_path / "pred.csv"
+    pred.write_text("case,predicted,prob_0,prob_1\na,1,0.2,0.8\nb,0,0.6,0.4\n")
+    ref = tmp_path / "ref.csv"
+    ref.write_text("image,class\na.nii.gz,malignant\nb.nii.gz,malignant\n")  # sorting would make it class 0
+    with pytest.raises(Med3DError, match="names 1 of the 2 classes, so their ids cannot be known"):
+        evaluate_classification(pred, ref, tmp_path / "out", n_boot=0, plots=False)

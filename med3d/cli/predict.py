@@ -60,6 +60,9 @@ def _classify(args: argparse.Namespace, predictor: Any, task: str) -> int:
     from ..inference.classify import classify, write_predictions_csv
     from ..inference.inputs import roi_jobs
 
+    target = Path(args.out) / "predictions.csv"
+    if target.exists() and not args.overwrite:  # before the work, not after it
+        raise Med3DError(f"{target}: already exists; pass --overwrite to replace it")
     jobs = roi_jobs(args.inputs, args.center, args.roi_mask)
     if not jobs:
         raise Med3DError("no input scans found in " + ", ".join(args.inputs))
@@ -73,7 +76,7 @@ def _classify(args: argparse.Namespace, predictor: Any, task: str) -> int:
         except Med3DError as err:
             failed += 1
             tqdm.write(f"error: {err}")
-    target = write_predictions_csv(Path(args.out) / "predictions.csv", rows, overwrite=args.overwrite)
+    write_predictions_csv(target, rows, overwrite=args.overwrite)
     names = predictor.meta["plans"][task]["classes"]
     for r in rows[:20]:
         print(f"{r.case_id}: {names[str(r.predicted)]} (p = {r.probabilities[r.predicted]:.3f})")

@@ -43,7 +43,7 @@ PathLike = Union[str, Path]
 MAX_LOCS_PER_CLASS = 10000
 
 
-def _stamp(paths: Sequence[Path]) -> List[List[Any]]:
+def source_stamp(paths: Sequence[Path]) -> List[List[Any]]:
     """Size and mtime of the source files: a replaced file invalidates its cached case."""
     out = []
     for p in paths:
@@ -85,7 +85,7 @@ def is_done(folder: Path, case: Case, phash: str) -> bool:
         props = json.loads(files["props"].read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return (props.get("plan_hash") == phash and props.get("sources") == _stamp(_case_sources(case))
+    return (props.get("plan_hash") == phash and props.get("sources") == source_stamp(_case_sources(case))
             and all(files[k].is_file() for k in ("data", "seg", "locs")))
 
 
@@ -120,7 +120,7 @@ def prepare_case(case: Case, plan: Dict[str, Any], folder: Path) -> Dict[str, An
     write_atomic(files["seg"], lambda tmp: np.save(tmp, seg))
     locs = class_locations(seg[0], case_seed(case.case_id))
     write_atomic(files["locs"], lambda tmp: np.savez(tmp, **locs))
-    props.update(case_id=case.case_id, plan_hash=plan_hash(plan), sources=_stamp(_case_sources(case)),
+    props.update(case_id=case.case_id, plan_hash=plan_hash(plan), sources=source_stamp(_case_sources(case)),
                  classes=sorted(int(k) for k in locs), shape=list(data.shape[1:]))
     write_json_atomic(files["props"], props)  # last: marks the case complete
     return props
@@ -167,7 +167,7 @@ def plan_dataset(info: DatasetInfo, folder: Path, workers: int = 0, progress: bo
     With ``read_only`` nothing is computed or written: a missing or stale fingerprint is an error
     (DDP ranks check a cache that ``prepare`` wrote before they started).
     """
-    stamps = {c.case_id: _stamp(_case_sources(c)) for c in info.cases}
+    stamps = {c.case_id: source_stamp(_case_sources(c)) for c in info.cases}
     fp_path = folder / "fingerprint.json"
     fp = None
     if fp_path.is_file():

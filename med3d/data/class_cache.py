@@ -2,12 +2,13 @@
 
 ``prepare`` cuts each case's region (``crop_mm`` around its ROI centre, or the whole image),
 resamples it to the plan spacing and stores it raw; the normalisation statistics are then taken
-from all stored regions, so they describe what the network sees (a CT window fitted to lesions,
-not to whole scans). Loading normalises on the fly, which is cheap for crops.
+from the training cases' regions, so they describe what the network sees (a CT window fitted to
+lesions, not to whole scans). Loading normalises on the fly, which is cheap for crops.
 
 Layout: ``<cache folder>/plan.json`` and ``cases/<case>.npy`` (C, Z, Y, X float32) with
-``cases/<case>.json`` (class, ROI centre, plan hash), written atomically per case, so a killed
-``prepare`` resumes where it stopped and writes the same bytes as a fresh one.
+``cases/<case>.json`` (class, ROI centre, plan hash, and the source files' size and mtime), written
+atomically per case, so a killed ``prepare`` resumes where it stopped and writes the same bytes as
+a fresh one, and a case whose file, ROI or class changed is cut again.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from ..atomic import write_atomic, write_json_atomic
 from ..errors import Med3DError
-from .cache import cache_folder
+from .cache import cache_folder, source_stamp
 from .classification import ClassCase, ClassDataset, load_case_image, read_header, roi_center_mm, roi_crop
 from .image import Geometry, Image, shifted_grid
 from .plan import default_scheme
@@ -122,12 +123,20 @@ def _paths(folder: Path, case_id: str) -> Tuple[Path, Path]:
     return folder / "cases" / f"{case_id}.npy", folder / "cases" / f"{case_id}.json"
 
 
+def _source(case: ClassCase) -> Dict[str, Any]:
+    """What a stored region was cut from: its files (size, mtime), ROI centre, mask and class."""
+    files = [*case.images, *([case.mask] if case.mask else [])]
+    return {"files": source_stamp(files), "center_mm": list(case.center_mm) if case.center_mm else None,
+            "mask": case.mask.name if case.mask else None, "label": case.label}
+
+
 def _done(folder: Path, case: ClassCase, plan: Dict[str, Any]) -> bool:
+    """A region is current when it was cut under this plan from the same files, ROI and class."""
     data, meta = _paths(folder, case.case_id)
     if not (data.is_file() and meta.is_file()):
         return False
     props = json.loads(meta.read_text())
-    return props.get("plan_hash") == plan["plan_hash"] and props.get("label") == case.label
+    return props.get("plan_hash") == plan["plan_hash"] and props.get("source") == _source(case)
 
 
 def _stats(folder: Path, cases: Sequence[ClassCase], schemes: Sequence[str]) -> List[Dict[str, Any]]:
@@ -174,11 +183,13 @@ def prepare_classification(ds: ClassDataset, source: PathLike, cache_dir: PathLi
     todo = [c for c in every if not _done(folder, c, plan)]
     for case in tqdm(todo, desc=f"prepare {ds.name}", disable=not progress):
         data, props = cut_region(case, plan)
+        props["source"] = _source(case)
         data_path, meta_path = _paths(folder, case.case_id)
         write_atomic(data_path, lambda tmp, d=data: np.save(tmp, d))
         write_json_atomic(meta_path, props)  # last: its presence marks the case complete
-    labelled = ds.cases + ds.val_cases
-    plan["normalization"] = _stats(folder, labelled, plan["schemes"])
+    # The dataset's training cases (held-out cases drawn from them by the run's split included, as
+    # for segmentation); a fixed validation list and test cases stay out of the statistics.
+    plan["normalization"] = _stats(folder, ds.cases, plan["schemes"])
     write_json_atomic(folder / "plan.json", plan)
     return folder
 
@@ -212,7 +223,7 @@ def patch_start(shape: Sequence[int], patch: Sequence[int], offset: Optional[Seq
 
 def network_input(data: np.ndarray, plan: Dict[str, Any], patch: Sequence[int],
                   offset: Optional[Sequence[int]] = None) -> np.ndarray:
-    """Normalise a stored region and cut (or zero-pad) it to ``patch`` around its centre.
+    """Normalise a stored region and cut it to ``patch`` around its centre (padding with each channel's minimum).
 
     Args:
         data: the stored region ``(C, Z, Y, X)``.
@@ -230,4 +241,7 @@ def network_input(data: np.ndarray, plan: Dict[str, Any], patch: Sequence[int],
         region.append(slice(lo_c, max(hi_c, lo_c)))
         pads.append((lo_c - lo, p - (lo_c - lo) - max(hi_c - lo_c, 0)))
     out = x[tuple(region)]
-    return np.pad(out, pads) if any(a or b for a, b in pads) else np.ascontiguousarray(out)
+    if not any(a or b for a, b in pads):
+        return np.ascontiguousarray(out)
+    # Pad like roi_crop does outside the scan: with each channel's minimum (air for CT), not 0.
+    return np.stack([np.pad(c, pads[1:], constant_values=float(c.min()) if c.size else 0.0) for c in out])

@@ -7,7 +7,10 @@ preprocessing. Each dataset is then split into training and held-out cases with 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import dataclass, replace
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -15,7 +18,7 @@ import numpy as np
 
 from ..config import Config
 from ..data.cache import CachedCase, cache_folder, check_prepared, load_cache, prepare_dataset
-from ..data.class_cache import load_class_cache, prepare_classification
+from ..data.class_cache import class_plan, load_class_cache, prepare_classification
 from ..data.classification import (is_classification_dataset, read_classification_dataset,
                                    require_valid_classification)
 from ..data.datalist import read_dataset
@@ -23,6 +26,8 @@ from ..data.sampler import TaskData
 from ..errors import Med3DError
 from ..tasks import kind_for_head
 from .distributed import DistInfo
+
+log = logging.getLogger("med3d.train")
 
 
 @dataclass
@@ -100,6 +105,24 @@ def _split(cases: List[CachedCase], cfg: Config, task: str):
     return _limit(shuffled[n_val:], cfg, task), shuffled[:n_val]
 
 
+def _class_split(cases: List[Any], cfg: Config, task: str):
+    """A split stratified by class: each class gives ``val_fraction`` of its cases (at least one of two
+    or more) to the held-out set; the training list interleaves the classes, so ``data.train_cases``
+    keeps their proportions."""
+    rng = np.random.default_rng([cfg.run.seed, 11])
+    train_by, held = [], []
+    for label in sorted({c.label for c in cases}):
+        own = [cases[i] for i in rng.permutation([i for i, c in enumerate(cases) if c.label == label])]
+        n_val = int(round(cfg.data.val_fraction * len(own)))
+        if cfg.data.val_fraction > 0 and len(own) >= 2:
+            n_val = max(1, n_val)
+        n_val = min(n_val, len(own) - 1)
+        held += own[:n_val]
+        train_by.append(own[n_val:])
+    train = [c for group in zip_longest(*train_by) for c in group if c is not None]
+    return _limit(train, cfg, task), held
+
+
 def _limit(train: List[Any], cfg: Config, task: str) -> List[Any]:
     """The first ``data.train_cases`` training cases (a count or a fraction), for small-data studies."""
     limit = cfg.data.train_cases
@@ -112,13 +135,17 @@ def _limit(train: List[Any], cfg: Config, task: str) -> List[Any]:
 
 
 def _prepare_classes(entry: Any, cache_dir: str, prepare: bool, check: bool, progress: bool) -> Path:
+    """A classification dataset's cache folder: prepared here, or (DDP ranks) checked to hold this plan."""
+    ds = read_classification_dataset(entry.path)
     if not prepare:
         folder = cache_folder(cache_dir, entry.path)
-        if not (folder / "plan.json").is_file():
-            raise Med3DError(f"dataset {entry.path} is not prepared in {cache_dir}; run 'med3d prepare --config "
-                             "CONFIG' before starting the ranks")
+        want = class_plan(ds, entry.spacing, entry.crop_mm, entry.normalization)["plan_hash"]
+        have = json.loads((folder / "plan.json").read_text()).get("plan_hash") \
+            if (folder / "plan.json").is_file() else None
+        if have != want:
+            raise Med3DError(f"dataset {entry.path} is not prepared in {cache_dir} under this config's plan; run "
+                             "'med3d prepare --config CONFIG' before starting the ranks")
         return folder
-    ds = read_classification_dataset(entry.path)
     if check:
         require_valid_classification(ds)
     return prepare_classification(ds, entry.path, cache_dir,
@@ -172,12 +199,20 @@ def _class_task(cfg: Config, task: str, folder: Path, val: Dict[str, Any], plans
     if bad:
         raise Med3DError(f"task {task}: case {bad[0].case_id} has class {bad[0].label}, outside the declared "
                          f"0..{n_cls - 1}; fix {entry.path}")
-    if ds.val_cases:  # the dataset's own split; the training subset is still a seeded draw
-        order = np.random.default_rng([cfg.run.seed, 11]).permutation(len(cases))
-        train = _limit([cases[i] for i in order], cfg, task)
+    if not cases:
+        raise Med3DError(f"task {task}: {entry.path} has no training case with a class; check it with "
+                         "'med3d check-data'")
+    if n_cls < 2:
+        raise Med3DError(f"task {task}: {entry.path} declares {n_cls} class; a classifier needs at least two")
+    if ds.val_cases:  # the dataset's own split; the training subset is still a seeded, stratified draw
+        train = _class_split(cases, replace(cfg, data=replace(cfg.data, val_fraction=0.0)), task)[0]
         held = load_class_cache(folder, [c.case_id for c in ds.val_cases])[1]
     else:
-        train, held = _split(cases, cfg, task)
+        train, held = _class_split(cases, cfg, task)
+    missing = sorted(set(range(n_cls)) - {c.label for c in held})
+    if held and missing:
+        log.warning("task %s: no held-out case of class(es) %s, so its AUC is undefined; raise data.val_fraction",
+                    task, ", ".join(plan["classes"][str(m)] for m in missing))
     channels[task] = _channels(cfg, task, len(plan["channel_names"]))
     if channels[task] is None and len(plan["channel_names"]) != cfg.model.encoder.in_channels:
         adapters[task] = len(plan["channel_names"])

@@ -79,7 +79,29 @@ def preflight(cfg: Config, job: str) -> None:
                          "a med3d checkpoint or MedicalNet/MONAI/torchvision weights")
     check_stages(cfg.finetune.freeze)
     check_channel_map(cfg)
+    check_class_loss(cfg)
     check_patch_size(cfg, cfg.data.patch_size)
+
+
+def check_class_loss(cfg: Config) -> None:
+    """``train.label_smoothing`` in [0, 1) (cross-entropy only) and one ``train.class_weights`` entry per class.
+
+    Raises:
+        Med3DError: naming the key.
+    """
+    t = cfg.train
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise Med3DError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    if t.label_smoothing and t.cls_loss == "focal":
+        raise Med3DError("train.label_smoothing applies to cls_loss 'ce' only; set it to 0 for focal loss")
+    if t.class_weights is None:
+        return
+    if any(w < 0 for w in t.class_weights):
+        raise Med3DError(f"train.class_weights must not be negative, got {t.class_weights}")
+    for task, head in cfg.model.heads.items():
+        if head.type == "classification" and len(t.class_weights) != head.num_classes:
+            raise Med3DError(f"train.class_weights has {len(t.class_weights)} entries but model.heads.{task} has "
+                             f"{head.num_classes} classes; give one weight per class")
 
 
 def check_channel_map(cfg: Config) -> None:
@@ -195,7 +217,7 @@ class Trainer:
         self.data: DataSetup = setup_data(cfg, info, progress=self.progress and info.is_main)
         self.cfg = cfg = replace(cfg, model=replace(cfg.model, adapters=self.data.adapters))
         self.kinds = {t: kind_for_head(h.type, f"model.heads.{t}.type") for t, h in cfg.model.heads.items()}
-        self.losses = {t: kind.loss(cfg.train) for t, kind in self.kinds.items()}
+        self.losses = {t: kind.loss(cfg.train).to(info.device) for t, kind in self.kinds.items()}
         self.model, report = self.build_model(fresh=saved is None)
         self.opt = build_optimizer(self.model, cfg)
         self.sched = build_scheduler(self.opt, cfg)
@@ -236,10 +258,24 @@ class Trainer:
         if ts["scaler"]:
             self.scaler.load_state_dict(ts["scaler"])
         set_rng_state(ts["rng"])
+        self.check_plans(saved.get("meta", {}).get("plans", {}))
         self.state.step, self.state.best = int(ts["sampler"]["next_step"]), ts["best"]
         if self.state.step > self.cfg.train.iterations:
             raise Med3DError(f"train.iterations {self.cfg.train.iterations}: the checkpoint is already at iteration "
                              f"{self.state.step}; a resumed run can only be extended")
+
+    def check_plans(self, saved: Dict[str, Any]) -> None:
+        """A resumed run trains on what the checkpoint trained on: the same plan for every task.
+
+        Raises:
+            Med3DError: a dataset's plan changed since (its dataset.json, crop size, spacing, ...).
+        """
+        for task, plan in self.data.plans.items():
+            old = saved.get(task, {}).get("plan_hash")
+            if old is not None and old != plan.get("plan_hash"):
+                raise Med3DError(f"task {task}: its dataset's plan changed since the checkpoint was written "
+                                 f"(plan {old} -> {plan.get('plan_hash')}); a resumed run must train on the same "
+                                 "data, so start a new run instead")
 
     def write_run_files(self, report: Optional[str]) -> None:
         if not self.info.is_main:

@@ -1,4 +1,5 @@
-"""Validation on held-out cases: each task's kind scores whole preprocessed volumes.
+"""Validation on held-out cases: each task's kind scores them (whole preprocessed volumes for
+segmentation, the regions of interest for classification).
 
 Cases are spread over DDP ranks and the per-case rows gathered, so every rank returns the same
 summary. The model's modes are left exactly as they were (``inference.evaluating``): frozen

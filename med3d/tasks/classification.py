@@ -16,10 +16,6 @@ from ..classification_eval import classification_report
 from ..data.class_cache import ClassCached, network_input
 from .base import TaskKind
 
-LOSSES = ("ce", "focal")
-METRICS = ("auc", "balanced_accuracy", "accuracy")
-
-
 class ClsLoss(nn.Module):
     """``loss(logits (N, K), target (N,) or (N, 1) int)``.
 
