@@ -95,13 +95,18 @@ def _channels(cfg: Config, task: str, n: int) -> Optional[List[int]]:
                      "or data.input_policy: adapter")
 
 
+def _held_out_count(n: int, fraction: float) -> int:
+    """``fraction`` of ``n`` cases, at least one of two or more when ``fraction`` > 0, never all of them."""
+    k = int(round(fraction * n))
+    if fraction > 0 and n >= 2:
+        k = max(1, k)
+    return min(k, n - 1)
+
+
 def _split(cases: List[CachedCase], cfg: Config, task: str):
     order = np.random.default_rng([cfg.run.seed, 11]).permutation(len(cases))
     shuffled = [cases[i] for i in order]
-    n_val = int(round(cfg.data.val_fraction * len(cases)))
-    if cfg.data.val_fraction > 0 and len(cases) >= 2:
-        n_val = max(1, n_val)
-    n_val = min(n_val, len(cases) - 1)
+    n_val = _held_out_count(len(cases), cfg.data.val_fraction)
     return _limit(shuffled[n_val:], cfg, task), shuffled[:n_val]
 
 
@@ -113,10 +118,7 @@ def _class_split(cases: List[Any], cfg: Config, task: str):
     train_by, held = [], []
     for label in sorted({c.label for c in cases}):
         own = [cases[i] for i in rng.permutation([i for i, c in enumerate(cases) if c.label == label])]
-        n_val = int(round(cfg.data.val_fraction * len(own)))
-        if cfg.data.val_fraction > 0 and len(own) >= 2:
-            n_val = max(1, n_val)
-        n_val = min(n_val, len(own) - 1)
+        n_val = _held_out_count(len(own), cfg.data.val_fraction)
         held += own[:n_val]
         train_by.append(own[n_val:])
     train = [c for group in zip_longest(*train_by) for c in group if c is not None]
