@@ -57,7 +57,7 @@ def trained(nodules, tmp_path_factory):
 
 def write_shape_task(root: Path, n: int = 24, seed: int = 0) -> Path:
     """A classification dataset whose class is a lesion's shape at equal brightness: a solid ball (0) or a
-    hollow shell (1) at a random place in noise, with ROI centres in world mm (LPS) and an oblique grid."""
+    hollow shell (1) at a random place in noise, with ROI centres in world mm (LPS) on an anisotropic, flipped grid."""
     import nibabel as nib
 
     rng = np.random.default_rng(seed)
