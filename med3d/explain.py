@@ -240,13 +240,7 @@ ToScanGrid = Callable[[np.ndarray], np.ndarray]
 
 def _segmentation_input(predictor: Predictor, image: Image, task: str, where: str) -> Tuple[torch.Tensor, ToScanGrid]:
     """The whole scan as ``Predictor`` prepares it (crop, normalise, resample), and the way back (``restore``)."""
-    from .data.preprocess import preprocess
-
-    plan = predictor.plan_for(image, task, where)
-    data, _, props = preprocess(image, None, plan)
-    if plan.get("channels") is not None:
-        data = data[plan["channels"]]
-    x = torch.from_numpy(np.ascontiguousarray(data))[None].to(predictor.device)
+    x, props, plan = predictor.prepare(image, task, where)
     # Restored as the foreground channel of a two-class map: resampled like a probability, zero outside the crop.
     return x, lambda cam: restore_probabilities(np.stack([np.zeros_like(cam), cam]), props, plan)[1]
 

@@ -161,6 +161,10 @@ class PatchBatches(Dataset):
         self.foreground_share, self.seed = float(foreground_share), int(seed)
         self.augment = build_augment(augment)
         self.reader = CaseReader()
+        # Classification: each task's cases by class, in class order (class-balanced draws pick a pool).
+        self.class_pools = {t.name: [[c for c in t.cases if c.label == label]
+                                     for label in sorted({c.label for c in t.cases})]
+                            for t in self.tasks if t.kind == "classification"}
 
     def __len__(self) -> int:  # items are generated on demand; the sampler decides how many
         return 2 ** 62
@@ -180,9 +184,8 @@ class PatchBatches(Dataset):
     def sample_region(self, task: TaskData, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, bool]:
         """A classification case's region, cut to the patch with a small random shift; its class as ``(1,)``."""
         if task.class_balance:
-            classes = sorted({c.label for c in task.cases})
-            label = classes[int(rng.integers(len(classes)))]
-            pool = [c for c in task.cases if c.label == label]
+            pools = self.class_pools[task.name]
+            pool = pools[int(rng.integers(len(pools)))]
         else:
             pool = task.cases
         case = pool[int(rng.integers(len(pool)))]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -95,6 +95,23 @@ class Predictor:
         raise Med3DError(f"{where}: {image.channels} channel(s), but task {task} was trained on {want} "
                          f"({', '.join(plan['channel_names'])})")
 
+    def prepare(self, image: Image, task: str, where: str = "input"
+                ) -> Tuple[torch.Tensor, Dict[str, Any], Dict[str, Any]]:
+        """A scan as the network sees it under ``task``'s plan (crop, normalise, resample, channels).
+
+        Returns:
+            ``(1, C, Z, Y, X)`` on this predictor's device, what ``restore`` needs to go back to the
+            scan's grid, and the plan used.
+
+        Raises:
+            Med3DError: the scan's channel count does not fit the task.
+        """
+        plan = self.plan_for(image, task, where)
+        data, _, props = preprocess(image, None, plan)
+        if plan.get("channels") is not None:
+            data = data[plan["channels"]]
+        return torch.from_numpy(np.ascontiguousarray(data))[None].to(self.device), props, plan
+
     @torch.inference_mode()
     def __call__(self, image: Image, task: Optional[str] = None, overlap: float = 0.5, mirror: bool = False,
                  sw_batch_size: int = 2, where: str = "input", probabilities: bool = False) -> Prediction:
@@ -116,11 +133,7 @@ class Predictor:
             Med3DError: the scan's channel count does not fit the task.
         """
         task = self.task(task)
-        plan = self.plan_for(image, task, where)
-        data, _, props = preprocess(image, None, plan)
-        if plan.get("channels") is not None:
-            data = data[plan["channels"]]
-        x = torch.from_numpy(np.ascontiguousarray(data))[None].to(self.device)
+        x, props, plan = self.prepare(image, task, where)
         amp = torch.bfloat16 if self.device.type == "cuda" else None
         patch = self.meta.get("patch_size") or DEFAULT_PATCH
         probs = softmax_tta(self.model, x, task, patch, overlap, sw_batch_size, amp, mirror)[0].cpu().numpy()
