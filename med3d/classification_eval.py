@@ -21,6 +21,7 @@ import torch
 from .atomic import write_atomic, write_json_atomic
 from .data.image import strip_suffix
 from .errors import Med3DError
+from .plotting import pyplot
 
 PathLike = Union[str, Path]
 PROB_TOLERANCE = 0.01  # rows written with a few decimals still sum to 1 within this
@@ -342,12 +343,14 @@ def _reference_csv(path: Path) -> Tuple[Dict[str, int], Optional[Dict[int, str]]
     for line, fields in rows:
         if len(fields) != len(header):
             raise Med3DError(f"{path}, line {line}: {len(fields)} fields, expected {len(header)} as in the header")
-    found = _csv_names([fields[col_class] for _, fields in rows])
+    labelled = [(line, fields) for line, fields in rows if fields[col_class].strip()]  # empty class: unlabelled
+    found = _csv_names([fields[col_class].strip() for _, fields in labelled])
     names = _NumberedNames(found) if found is not None else None
     classes: Dict[str, int] = {}
     origin: Dict[str, str] = {}
-    for line, fields in rows:
-        _add_case(classes, origin, fields[col_image], fields[col_class], f"{path}, line {line}", names)
+    for line, fields in labelled:
+        image = fields[col_image].split(";")  # one file per channel, as in training CSVs: the first names it
+        _add_case(classes, origin, image, fields[col_class], f"{path}, line {line}", names)
     if not classes:
         raise Med3DError(f"{path}: no rows after the header; expected one row per case")
     return classes, names
@@ -387,17 +390,6 @@ def read_reference(path: PathLike) -> Tuple[Dict[str, int], Optional[Dict[int, s
 # ---------------------------------------------------------------- plots
 
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90))
@@ -424,7 +416,7 @@ def plot_roc(y_true: Sequence[int], probs: Any, report: Dict[str, Any], path: Pa
     Returns:
         ``path``, or None without matplotlib.
     """
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     y, p = np.asarray(y_true), np.asarray(probs, dtype=float)
@@ -455,7 +447,7 @@ def plot_confusion(report: Dict[str, Any], path: PathLike) -> Optional[Path]:
     Returns:
         ``path``, or None without matplotlib.
     """
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     conf, names = np.array(report["confusion_matrix"]), report["class_names"]
@@ -482,7 +474,7 @@ def plot_reliability(report: Dict[str, Any], path: PathLike) -> Optional[Path]:
     Returns:
         ``path``, or None without matplotlib.
     """
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     bins = [b for b in report["calibration_bins"] if b["cases"]]

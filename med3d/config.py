@@ -205,6 +205,11 @@ class DatasetEntry:
     loss_weight: float = 1.0
     # Classification: the region cut around each case's ROI centre (z, y, x) mm; null: the dataset's.
     crop_mm: Optional[List[float]] = None
+    # Structures to train on, name -> value(s) in the label files (numbered 1, 2, ... in this order; every
+    # other value is background); the files are not changed. null: dataset.json's label_map, else its labels.
+    label_map: Optional[Dict[str, Union[int, List[int]]]] = None
+    # Fixed HU window [low, high] for CT channels instead of the training scans' percentiles.
+    ct_window: Optional[List[float]] = None
 
 
 @dataclass
@@ -236,6 +241,12 @@ class DataConfig:
     select_channel: int = 0
     val_fraction: float = 0.2  # held-out share of each dataset's training cases
     train_cases: Optional[Union[int, float]] = None  # small-data studies: a count, or a fraction
+    # Cross-validation (one dataset): k folds, grouped by patient and stratified by class, or the folds of
+    # an nnU-Net style splits_final.json; data.fold picks the fold to train. null: the val_fraction hold-out.
+    folds: Optional[int] = None
+    fold: Optional[int] = None
+    splits_file: Optional[str] = None
+    val_cases: Optional[List[str]] = None  # named validation cases (case ids); the rest train
     workers: int = 2
     pin_memory: bool = True  # used on GPU only
     persistent_workers: bool = True
@@ -253,6 +264,7 @@ class ValidationConfig:
     max_cases: Optional[int] = None  # per task
     # Classification tasks' score, which picks the best checkpoint with the other tasks' scores.
     class_metric: Literal["auc", "balanced_accuracy", "accuracy"] = "auc"
+    allow_none: bool = False  # train with no validation case at all (refused otherwise)
 
 
 @dataclass
@@ -389,12 +401,67 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+# Input paths a config names (data and weights): relative to the file that names them, like _base_.
+# Outputs (data.cache_dir, run.out_dir) stay relative to the folder med3d runs in.
+INPUT_PATH_KEYS = ("data.datasets.*.path", "data.datasets.*.descriptor", "data.splits_file", "finetune.weights")
+
+
+def _absolute(value: Any, folder: Path) -> Any:
+    if not isinstance(value, str) or not value:
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (folder / p).resolve())
+
+
+def resolve_input_paths(data: Dict[str, Any], folder: Path) -> Dict[str, Any]:
+    """``data`` (one config file's mapping) with its ``INPUT_PATH_KEYS`` made absolute against ``folder``.
+
+    Args:
+        data: the mapping read from one YAML file (before merging with its bases).
+        folder: the folder of that file.
+
+    Returns:
+        A copy with the input paths absolute; anything else unchanged.
+    """
+    data = copy.deepcopy(data)
+    for key in INPUT_PATH_KEYS:
+        head, _, leaf = key.rpartition(".")
+        nodes = [data]
+        for part in head.split("."):
+            step = []
+            for node in nodes:
+                child = node.get(part) if isinstance(node, dict) else None
+                if part == "*" and isinstance(node, dict):
+                    step += [v for v in node.values() if isinstance(v, dict)]
+                elif isinstance(child, dict):
+                    step.append(child)
+            nodes = step
+        for node in nodes:
+            if leaf in node:
+                node[leaf] = _absolute(node[leaf], folder)
+    return data
+
+
+def _shipped(path: Path) -> bool:
+    """The configs shipped with med3d are templates run from a project folder: their paths stay as written."""
+    try:
+        return path.is_relative_to(CONFIG_DIR.resolve())
+    except OSError:
+        return False
+
+
 def load_yaml_tree(path: Union[str, Path], _seen: Sequence[Path] = ()) -> Dict[str, Any]:
-    """Read a YAML config and merge in its ``_base_`` file(s) (paths relative to it; later wins)."""
+    """Read a YAML config and merge in its ``_base_`` file(s) (paths relative to it; later wins).
+
+    Data and weight paths (``INPUT_PATH_KEYS``) are taken relative to the file that names them, except
+    in the configs shipped with med3d (templates whose paths name the folder you run from).
+    """
     path = Path(path).resolve()
     if path in _seen:
         raise Med3DError(f"{path}: _base_ inheritance loops back to this file")
     data = _read_yaml(path)
+    if not _shipped(path):
+        data = resolve_input_paths(data, path.parent)
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
@@ -430,9 +497,14 @@ def from_dict(data: Dict[str, Any]) -> Config:
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
-    """Load, merge, override and validate a config (``path=None``: the schema defaults)."""
+    """Load, merge, override and validate a config (``path=None``: the schema defaults).
+
+    Input paths come out absolute: those in a file against the file's folder (``load_yaml_tree``), the
+    rest (shipped templates, ``--set`` values) against the working folder, so a saved resolved config
+    means the same wherever it is read again.
+    """
     data = load_yaml_tree(path) if path is not None else {}
-    return from_dict(apply_overrides(data, overrides))
+    return from_dict(resolve_input_paths(apply_overrides(data, overrides), Path.cwd()))
 
 
 def to_dict(cfg: Config) -> Dict[str, Any]:

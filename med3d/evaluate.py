@@ -2,11 +2,17 @@
 
 Distances use the physical spacing of the reference grid (MONAI metrics). A class absent from
 both maps gets Dice NaN (not counted in means); absent from one only, Dice 0 and distance NaN.
+
+Prediction and reference are compared on the physical grid: a reference stored with its axes in
+another order or direction (the same voxels, flipped or permuted) is reoriented onto the
+prediction's grid; any other difference is refused with what differs (size, spacing, origin,
+direction) and by how much. A reference dataset folder's label mapping applies to its label files.
 """
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -15,10 +21,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .data.image import Image, list_images, read_image, strip_suffix
+from .data.image import Geometry, Image, list_images, read_image, strip_suffix
+from .data.labelmap import apply_table
 from .errors import Med3DError
 from .atomic import write_text_atomic
+from .plotting import pyplot
 
+log = logging.getLogger("med3d.evaluate")
 FIELDS = ["case", "class", "label", "dice", "hd95_mm", "nsd", "volume_pred_ml", "volume_ref_ml"]
 
 
@@ -53,24 +62,127 @@ def pair_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float]
     return rows
 
 
+def _axis_map(pred: Geometry, ref: Geometry) -> Optional[Tuple[List[int], List[bool]]]:
+    """How ``ref``'s voxel axes lie on ``pred``'s grid, when both are the same voxels in another order.
+
+    Returns:
+        For each of ``pred``'s axes (x, y, z), the ``ref`` axis holding it and whether it runs the
+        other way; None when the grids are not a permutation / flip of each other.
+    """
+    index = np.linalg.inv(ref.affine_lps()) @ pred.affine_lps()  # pred voxel (x, y, z) -> ref voxel
+    rot, shift = index[:3, :3], index[:3, 3]
+    if not np.allclose(np.abs(rot).sum(axis=0), 1, atol=1e-3) or not np.allclose(np.abs(rot), np.round(np.abs(rot)),
+                                                                                  atol=1e-3):
+        return None
+    size_ref = list(reversed(ref.shape))  # (x, y, z)
+    size_pred = list(reversed(pred.shape))
+    axes, flips = [], []
+    for a in range(3):
+        r = int(np.argmax(np.abs(rot[:, a])))
+        sign = rot[r, a] > 0
+        if size_ref[r] != size_pred[a] or not np.isclose(shift[r], 0 if sign else size_ref[r] - 1, atol=1e-2):
+            return None
+        axes.append(r)
+        flips.append(not sign)
+    return (axes, flips) if sorted(axes) == [0, 1, 2] else None
+
+
+def reorient_to(ref: Image, grid: Geometry) -> Optional[Image]:
+    """``ref`` on ``grid`` when it holds the same voxels stored in another axis order or direction.
+
+    Args:
+        ref: a label map (``(1, Z, Y, X)``).
+        grid: the grid to put it on (the prediction's).
+
+    Returns:
+        The reoriented image, or None when ``ref``'s grid is not a permutation / flip of ``grid``.
+    """
+    found = _axis_map(grid, ref.geometry)
+    if found is None:
+        return None
+    axes, flips = found
+    xyz = np.transpose(ref.array[0], (2, 1, 0))  # (X, Y, Z) of the reference
+    out = np.transpose(xyz, axes)  # the reference's axes in the grid's order
+    out = np.flip(out, axis=[a for a in range(3) if flips[a]]) if any(flips) else out
+    return Image(np.ascontiguousarray(np.transpose(out, (2, 1, 0)))[None], grid)
+
+
+def _angle_deg(a: Sequence[float], b: Sequence[float]) -> float:
+    """Largest angle between corresponding axes of two direction matrices."""
+    da, db = np.asarray(a).reshape(3, 3), np.asarray(b).reshape(3, 3)
+    cos = np.clip(np.sum(da * db, axis=0), -1.0, 1.0)
+    return float(np.degrees(np.arccos(cos)).max())
+
+
+def describe_mismatch(pred: Geometry, ref: Geometry) -> str:
+    """Every way two grids differ, with the amounts (empty when they agree).
+
+    Args:
+        pred: the prediction's grid.
+        ref: the reference's grid.
+
+    Returns:
+        E.g. ``"origin differs by 5 mm (reference minus prediction (0, 0, 5) mm in x, y, z)"``; parts
+        joined by ``; ``.
+    """
+    parts = []
+    if pred.shape != ref.shape:
+        parts.append(f"size {tuple(reversed(pred.shape))} vs {tuple(reversed(ref.shape))} voxels (x, y, z)")
+    ds = np.asarray(pred.spacing) - np.asarray(ref.spacing)
+    if not np.allclose(pred.spacing, ref.spacing, rtol=1e-4, atol=1e-6):
+        parts.append(f"spacing {_mm(pred.spacing)} vs {_mm(ref.spacing)} mm (up to {np.abs(ds).max():.4g} mm)")
+    do = np.asarray(ref.origin) - np.asarray(pred.origin)
+    if not np.allclose(pred.origin, ref.origin, atol=max(1e-3, 1e-3 * float(min(ref.spacing)))):
+        parts.append(f"origin differs by {np.linalg.norm(do):.4g} mm (reference minus prediction {_mm(do)} mm "
+                     "in x, y, z)")
+    if not np.allclose(pred.direction, ref.direction, atol=1e-3):
+        parts.append(f"direction differs by up to {_angle_deg(pred.direction, ref.direction):.3g} degrees")
+    return "; ".join(parts)
+
+
+def _mm(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
 def evaluate_images(pred: Image, ref: Image, classes: Sequence[int], tolerance_mm: float = 2.0,
                     where: str = "prediction") -> List[Dict[str, float]]:
-    diff = pred.geometry.matches(ref.geometry)
-    if diff:
-        raise Med3DError(f"{where}: grid differs from its reference ({diff}); predictions must be on the reference grid")
+    """Per-class metrics of a prediction against its reference, on the physical grid.
+
+    Args:
+        pred: the predicted label map.
+        ref: the reference label map; reoriented onto ``pred``'s grid when it stores the same
+            voxels in another axis order or direction.
+        classes: label values to score.
+        tolerance_mm: surface-Dice tolerance.
+        where: how errors name the prediction.
+
+    Returns:
+        One row per class.
+
+    Raises:
+        Med3DError: the grids differ physically (naming size, spacing, origin or direction and by how much).
+    """
+    if pred.geometry.matches(ref.geometry):
+        moved = reorient_to(ref, pred.geometry)
+        if moved is None:
+            raise Med3DError(f"{where}: not on its reference's grid: {describe_mismatch(pred.geometry, ref.geometry)}; "
+                             "predictions must be on the reference's physical grid")
+        log.info("%s: reference stored in another axis order or direction; reoriented onto the prediction's grid",
+                 where)
+        ref = moved
     return pair_metrics(pred.array[0], ref.array[0], ref.geometry.spacing_zyx, classes, tolerance_mm)
 
 
-def _refs(ref_dir: Path) -> Tuple[Dict[str, Path], Dict[int, str]]:
-    """Reference label files by case id, and label names (from a dataset.json when there is one)."""
+def _refs(ref_dir: Path) -> Tuple[Dict[str, Tuple[Path, Optional[Dict[int, int]]]], Dict[int, str]]:
+    """Reference label files by case id with their value tables, and label names (from a dataset.json)."""
     labels: Dict[int, str] = {}
     if (ref_dir / "dataset.json").is_file():
         from .data.datalist import read_dataset
 
-        info = read_dataset(ref_dir)
+        info = read_dataset(ref_dir)  # with its label_map: references read as the model was trained
         labels = {k: v for k, v in info.labels.items() if k}
-        return {c.case_id: c.label for c in info.cases if c.label}, labels
-    return {strip_suffix(p): p for p in list_images(ref_dir)}, labels
+        return {c.case_id: (c.label, c.label_map) for c in info.cases if c.label}, labels
+    return {strip_suffix(p): (p, None) for p in list_images(ref_dir)}, labels
 
 
 def evaluate_folders(pred_dir: Path, ref_dir: Path, classes: Optional[Sequence[int]] = None,
@@ -89,7 +201,9 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, classes: Optional[Sequence[i
             problems.append(f"{path}: no reference for case {case} in {ref_dir}")
             continue
         try:
-            pred, ref = read_image(path), read_image(refs[case])
+            ref_path, table = refs[case]
+            pred, ref = read_image(path), read_image(ref_path)
+            ref = Image(apply_table(ref.array, table), ref.geometry)
             use = classes or sorted(set(np.unique(ref.array).tolist()) | set(np.unique(pred.array).tolist())
                                     | set(names))
             use = [int(c) for c in use if int(c) != 0]
@@ -126,12 +240,8 @@ def write_csv(path: Path, rows: List[Dict[str, Any]], fields: Optional[List[str]
 
 def dice_boxplot(rows: List[Dict[str, Any]], path: Path) -> Optional[Path]:
     """Box plot of Dice per class (None without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     from .atomic import write_atomic
 

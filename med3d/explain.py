@@ -33,6 +33,7 @@ from .errors import Med3DError
 from .inference.predictor import Predictor
 from .inference.restore import restore_probabilities
 from .inference.window import evaluating
+from .plotting import pyplot
 
 PathLike = Union[str, Path]
 METHODS = ("gradcam", "gradcam++")
@@ -286,13 +287,8 @@ def save_cam_png(image: np.ndarray, cam: np.ndarray, peak: Sequence[int], spacin
     Returns:
         ``path``, or None when matplotlib is not installed.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install med3d[plot]); no PNG written")
+    plt = pyplot(warn=True)
+    if plt is None:
         return None
     from .atomic import write_atomic
 

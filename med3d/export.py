@@ -2,14 +2,23 @@
 
 A safetensors export states its input contract in its metadata: the encoder's arguments,
 input channel names, spacing (always ``spacing_zyx``: z, y, x in mm), normalisation and datasets,
-per task under ``tasks`` when exported from a training checkpoint whose plans hold them.
+per task under ``tasks`` when exported from a training checkpoint whose plans hold them, and a
+model card (``med3d.model_card``).
+
+An ONNX export goes through ``torch.export`` (``torch.onnx.export(dynamo=True)``) with spatial sizes
+declared as multiples of the head's size divisibility, and carries in its ``metadata_props`` the
+plan ``med3d predict model.onnx`` needs (see ``onnx_metadata``). TorchScript is the legacy
+tracer's format, kept while it still works.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -47,23 +56,39 @@ def _require(enc: ResNet3D, fmt: str, **want: Any) -> None:
                              f"{key}={enc.config[key]}; that library could not rebuild it")
 
 
-def export_metadata(enc: ResNet3D, sd: Dict[str, torch.Tensor], meta: Optional[Mapping[str, Any]]) -> Dict[str, str]:
+def export_metadata(enc: ResNet3D, sd: Dict[str, torch.Tensor], meta: Optional[Mapping[str, Any]],
+                    licence: Optional[str] = None, metrics: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
     """String metadata stored in a med3d safetensors export (values JSON-encoded).
 
     Args:
         enc: the exported encoder (its ``config`` is recorded).
         sd: the exported tensors (hashed).
         meta: see ``input_contract``.
+        licence, metrics: for the model card (``med3d.model_card.model_card``).
 
     Returns:
         key -> string, as safetensors stores it.
     """
-    fields = {"format": "med3d", "med3d_version": __version__, "encoder": enc.config,
-              **input_contract(meta or {}, enc.in_channels), "sha256": tensors_sha256(sd)}
+    contract = input_contract(meta or {}, enc.in_channels)
+    fields = {"format": "med3d", "med3d_version": __version__, "encoder": enc.config, **contract,
+              "model_card": _card(contract, meta or {}, licence, metrics), "sha256": tensors_sha256(sd)}
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
 
 
-_OWN_KEYS = ("format", "med3d_version", "encoder", "sha256")  # written by export_metadata itself
+def _card(contract: Mapping[str, Any], meta: Mapping[str, Any], licence: Optional[str],
+          metrics: Optional[Mapping[str, Any]], task: Optional[str] = None) -> Dict[str, Any]:
+    """A new model card, or the source export's own when re-exporting adds nothing to it."""
+    from .model_card import model_card
+
+    old = meta.get("model_card")
+    if isinstance(old, str):
+        old = json.loads(old)
+    if isinstance(old, dict) and not meta.get("plans") and licence is None and not metrics:
+        return old
+    return model_card(contract, meta, licence, metrics, task)
+
+
+_OWN_KEYS = ("format", "med3d_version", "encoder", "sha256", "model_card")  # written by export_metadata itself
 
 
 def input_contract(meta: Mapping[str, Any], in_channels: int) -> Dict[str, Any]:
@@ -123,8 +148,24 @@ def _task_contract(plan: Mapping[str, Any], in_channels: int) -> Dict[str, Any]:
 
 
 def export_encoder(model: nn.Module, fmt: str, out: str | Path, meta: Optional[Dict[str, Any]] = None,
-                   overwrite: bool = False) -> Path:
-    """Write the encoder's weights in ``fmt`` (safetensors, pt, medicalnet, monai), atomically."""
+                   overwrite: bool = False, licence: Optional[str] = None,
+                   metrics: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write the encoder's weights in ``fmt`` (safetensors, pt, medicalnet, monai), atomically.
+
+    Args:
+        model: an encoder or a ``MultiTaskModel`` (its encoder is written).
+        fmt: one of ``ENCODER_FORMATS``.
+        out: the file to write.
+        meta: the source's metadata (see ``input_contract``).
+        overwrite: replace an existing ``out``.
+        licence, metrics: for the model card of a safetensors export (the other formats hold no metadata).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        Med3DError: the encoder does not fit the format, or ``out`` exists.
+    """
     enc = _encoder(model)
     sd = {k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items()}
     if fmt == "medicalnet":
@@ -142,7 +183,7 @@ def export_encoder(model: nn.Module, fmt: str, out: str | Path, meta: Optional[D
         if fmt == "safetensors":
             from safetensors.torch import save_file
 
-            save_file(sd, str(tmp), metadata=export_metadata(enc, sd, meta))
+            save_file(sd, str(tmp), metadata=export_metadata(enc, sd, meta, licence, metrics))
         else:
             torch.save(payload, tmp)
     return Path(out)
@@ -181,36 +222,186 @@ def _inputs(wrapped: _TaskModel, input_size: Sequence[int]) -> List[torch.Tensor
     return [torch.randn(1, channels, *input_size), torch.randn(1, channels, *(s + 1 for s in input_size))]
 
 
-def export_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], task: Optional[str] = None,
-                overwrite: bool = False, check: bool = True) -> float:
-    """ONNX export with dynamic batch and spatial axes, checked with onnxruntime at two sizes.
+# ONNX metadata_props stored as plain text; every other value is JSON.
+ONNX_TEXT_KEYS = ("format", "med3d_version", "task", "kind", "input", "output")
 
-    Any spatial size works: the model pads to its head's size divisibility and crops back inside
-    the graph (``MultiTaskModel.forward``).
+
+def onnx_trace_size(input_size: Sequence[int], divisibility: Sequence[int]) -> List[int]:
+    """The example size ``torch.export`` traces at: ``input_size`` rounded up to the divisibility, 2 blocks at least.
+
+    One block per axis would let ``torch.export`` specialise that axis to a constant (it treats
+    sizes 0 and 1 of a symbol as special), so the smallest example is two blocks.
+    """
+    return [max(2 * d, -(-s // d) * d) for s, d in zip(input_size, divisibility)]
+
+
+def onnx_metadata(meta: Mapping[str, Any], task: str, in_channels: int, divisibility: Sequence[int],
+                  licence: Optional[str] = None, metrics: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
+    """The ``metadata_props`` of an ONNX export: the plan ``med3d predict`` needs, readable keys, the model card.
+
+    ``plan`` is the task's full preprocessing plan from the training checkpoint (what the
+    ``Predictor`` runs); the other keys restate it for readers without med3d: channels in input
+    order, target spacing (z, y, x mm), crop, normalisation, class names, the sliding window and
+    its default overlap, and the sizes the graph accepts (multiples of ``size_divisibility``).
+
+    Args:
+        meta: the checkpoint's metadata (``plans``, ``patch_size``, ``job``).
+        task: the exported head.
+        in_channels: the graph input's channels.
+        divisibility: the head's size divisibility (z, y, x).
+        licence, metrics: for the model card.
+
+    Returns:
+        key -> string (JSON-encoded values), as ONNX stores them.
+    """
+    from .inference.predictor import DEFAULT_PATCH
+
+    plan = (meta.get("plans") or {}).get(task)
+    contract = input_contract({k: v for k, v in meta.items() if k != "model_card"}, in_channels)
+    fields: Dict[str, Any] = {
+        "format": "med3d-onnx", "med3d_version": __version__, "task": task,
+        "input": "image (N, C, Z, Y, X) float32, the scan after the plan's preprocessing",
+        "output": "logits (N, K, Z, Y, X); softmax over axis 1 gives class probabilities",
+        "in_channels": in_channels, "size_divisibility_zyx": list(divisibility),
+        "window_zyx": list(meta.get("patch_size") or DEFAULT_PATCH), "overlap": 0.5,
+    }
+    if plan is not None:  # a checkpoint without plans (built by hand) exports a bare network
+        chosen = plan.get("channels")
+        names = list(plan.get("channel_names") or [])
+        fields.update({
+            "plan": plan, "kind": plan.get("kind", "segmentation"),
+            "input_channels": [names[i] for i in ([chosen] if isinstance(chosen, int) else chosen)]
+            if chosen is not None else names,
+            "spacing_zyx": plan.get("target_spacing"), "crop_nonzero": plan.get("crop_nonzero"),
+            "normalisation": plan.get("normalization"), "class_names": plan.get("labels") or plan.get("classes")})
+        if plan.get("kind") == "classification":
+            fields["output"] = "logits (N, K) of the classes; softmax over axis 1 gives class probabilities"
+    fields["model_card"] = _card(contract, meta, licence, metrics, task)
+    return {k: v if k in ONNX_TEXT_KEYS else json.dumps(v) for k, v in fields.items()}
+
+
+def export_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], task: Optional[str] = None,
+                overwrite: bool = False, check: bool = True, meta: Optional[Mapping[str, Any]] = None,
+                licence: Optional[str] = None, metrics: Optional[Mapping[str, Any]] = None) -> float:
+    """ONNX export through ``torch.export`` with dynamic batch and spatial sizes, checked with onnxruntime.
+
+    The spatial axes are declared as ``divisibility * k`` (``torch.export.Dim``), so the graph holds
+    no branch on the input's shape: it takes any multiple of the head's size divisibility. Other
+    sizes are for the caller to pad (``med3d.inference.onnx_runtime.OnnxNetwork`` does, as the
+    PyTorch model does internally). The plan travels in ``metadata_props`` (``onnx_metadata``).
 
     Args:
         model: a ``MultiTaskModel`` with a head for ``task``.
-        out: the .onnx file (written atomically).
-        input_size: (D, H, W) of the example input.
+        out: the .onnx file (written atomically, weights inside the one file).
+        input_size: (D, H, W) of the example input; rounded up to ``onnx_trace_size``.
         task: the head to export; may be omitted when the model has one.
         overwrite: replace an existing ``out``.
-        check: compare onnxruntime with PyTorch before keeping the file.
+        check: compare onnxruntime with PyTorch at the traced size and one block larger per axis.
+        meta: the checkpoint's metadata (its plan for ``task`` goes into the file).
+        licence, metrics: for the model card.
 
     Returns:
         Max |onnxruntime - PyTorch| over the checked inputs (NaN without ``check``).
 
     Raises:
-        Med3DError: no such head, onnxruntime missing, or outputs differ (nothing is written).
+        Med3DError: no such head, onnxscript / onnxruntime missing, export failed, or outputs differ
+            (nothing is written).
     """
     wrapped = _task_model(model, task, "onnx")
-    xs = _inputs(wrapped, input_size)
-    dyn = {0: "batch", 2: "depth", 3: "height", 4: "width"}
+    div = wrapped.model.task_divisibility(wrapped.task)
+    net, name = wrapped.model, wrapped.task
+    channels = net.adapters[name].in_channels if name in net.adapters else net.encoder.in_channels
+    size = onnx_trace_size(input_size, div)
+    # Batch 2 in the example keeps torch.export from specialising the batch axis to 1.
+    xs = [torch.randn(2, channels, *size), torch.randn(1, channels, *(s + d for s, d in zip(size, div)))]
+    proto = _onnx_program(wrapped, xs[0], div)
+    _add_size_check(proto, div)
+    entries = onnx_metadata(meta or {}, wrapped.task, channels, div, licence, metrics)
+    del proto.metadata_props[:]
+    for key, value in entries.items():
+        proto.metadata_props.add(key=key, value=value)
+    import onnx
+
     with atomic_path(out, overwrite=overwrite) as tmp:
-        torch.onnx.export(wrapped, (xs[0],), str(tmp), input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": dyn, "logits": dyn}, opset_version=17, dynamo=False)
-        wrapped.eval()  # the exporter restores the module's mode recursively; keep inference behaviour
+        onnx.save_model(proto, str(tmp))
         diff = _check_onnx(wrapped, tmp, xs) if check else float("nan")
     return diff
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Keep the exporter's progress lines (graph optimiser, absent torchvision ops) out of med3d's output."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecations inside torch's own export code
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _onnx_program(wrapped: _TaskModel, example: torch.Tensor, div: Sequence[int]) -> Any:
+    """The ONNX ModelProto of ``wrapped`` from ``torch.onnx.export(dynamo=True)``, spatial axes multiples of ``div``."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401  (the dynamo exporter's ONNX builder)
+    except ImportError as err:
+        raise Med3DError(f"onnx export needs onnx and onnxscript ({err.name} is missing): pip install 'med3d[onnx]'")
+    Dim = torch.export.Dim
+    dims: Dict[int, Any] = {0: Dim("batch", min=1)}
+    for axis, name, d in zip((2, 3, 4), ("depth", "height", "width"), div):
+        dims[axis] = d * Dim(f"{name}_blocks", min=1) if d > 1 else Dim(name, min=1)
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(wrapped, (example,), None, input_names=["image"], output_names=["logits"],
+                                        dynamic_shapes={"x": dims}, dynamo=True, opset_version=18, verbose=False)
+    except Exception as err:  # torch.export names what it could not capture; one line of it is enough here
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise Med3DError(f"onnx export: torch.export could not capture the model ({first}); not written")
+    finally:
+        wrapped.eval()  # exporting may switch the module's mode; keep inference behaviour
+    return program.model_proto
+
+
+def _add_size_check(proto: Any, div: Sequence[int]) -> None:
+    """Make the graph refuse spatial sizes that are not multiples of ``div``, naming the divisibility.
+
+    The graph's arithmetic assumes multiples (that is how its sizes were declared); fed another
+    size it would run and return wrong logits. Per axis, a vector of that axis's length reshaped to
+    ``(-1, d)`` fails for non-multiples, and onnxruntime's error names the node:
+    ``depth_must_be_a_multiple_of_8``. Its zero sum is added to the logits so no optimiser drops it.
+    """
+    from onnx import TensorProto, helper
+
+    graph = proto.graph
+    out = graph.output[0].name
+    for node in graph.node:  # the logits now come from the guard's Add
+        node.output[:] = [f"{out}_unchecked" if o == out else o for o in node.output]
+    nodes, sums = [], []
+    for axis, name, d in zip((2, 3, 4), ("depth", "height", "width"), div):
+        if d == 1:
+            continue
+        check = f"{name}_must_be_a_multiple_of_{d}"
+        graph.initializer.append(helper.make_tensor(f"{check}_shape", TensorProto.INT64, [2], [-1, d]))
+        nodes += [helper.make_node("Shape", ["image"], [f"{check}_len"], start=axis, end=axis + 1),
+                  helper.make_node("ConstantOfShape", [f"{check}_len"], [f"{check}_zeros"]),
+                  helper.make_node("Reshape", [f"{check}_zeros", f"{check}_shape"], [f"{check}_blocks"], name=check),
+                  helper.make_node("ReduceSum", [f"{check}_blocks"], [f"{check}_sum"], keepdims=0)]
+        sums.append(f"{check}_sum")
+    if not sums:
+        for node in graph.node:
+            node.output[:] = [out if o == f"{out}_unchecked" else o for o in node.output]
+        return
+    guard = sums[0]
+    for i, other in enumerate(sums[1:]):
+        nodes.append(helper.make_node("Add", [guard, other], [f"size_check_{i}"]))
+        guard = f"size_check_{i}"
+    nodes.append(helper.make_node("Add", [f"{out}_unchecked", guard], [out], name="size_check"))
+    graph.node.extend(nodes)
 
 
 def _check_onnx(wrapped: nn.Module, path: Path, xs: Sequence[torch.Tensor]) -> float:
@@ -235,7 +426,9 @@ def _check_onnx(wrapped: nn.Module, path: Path, xs: Sequence[torch.Tensor]) -> f
 
 def export_torchscript(model: nn.Module, out: str | Path, input_size: Sequence[int], task: Optional[str] = None,
                        overwrite: bool = False) -> Path:
-    """TorchScript (traced) export of the model for one task, checked at a second, odd input size.
+    """Legacy: TorchScript (traced) export of the model for one task, checked at a second, odd input size.
+
+    TorchScript is in maintenance in PyTorch; ONNX (``export_onnx``) is the supported deployment format.
 
     Args:
         model: a ``MultiTaskModel`` with a head for ``task``.

@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .plotting import pyplot
+
 
 def centre(labels: np.ndarray) -> Sequence[int]:
     """Centre of the labelled voxels (of the volume when nothing is labelled), as (z, y, x) indices."""
@@ -18,12 +20,8 @@ def centre(labels: np.ndarray) -> Sequence[int]:
 def save_preview(image: np.ndarray, pred: np.ndarray, path: Path, spacing_zyx: Sequence[float],
                  ref: Optional[np.ndarray] = None, title: str = "") -> Optional[Path]:
     """Write the three orthogonal slices of ``image`` with ``pred`` filled and ``ref`` outlined (None without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     from .atomic import write_atomic
 

@@ -95,3 +95,22 @@ def launch_ranks(argv, world: int, timeout: float = 240.0):
     assert not hung, "ranks hung; their stacks:\n" + "\n".join(f"--- rank {r}\n{e[-3000:]}"
                                                                for r, (_, e) in enumerate(texts))
     return [p.returncode for p in procs], [t[0] for t in texts], [t[1] for t in texts]
+
+
+def kill_after_checkpoint(argv, checkpoints, iteration: int, timeout: float = 120.0) -> None:
+    """Run ``python -m <argv>`` and SIGKILL it once ``checkpoints`` holds ``iter_N.pt`` with N >= ``iteration``.
+
+    The kill lands wherever the run is by then (often mid-step or mid-save), as a crash or a scheduler would.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not any(int(p.stem[5:]) >= iteration for p in Path(checkpoints).glob("iter_*.pt")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -317,7 +317,7 @@ def test_nodule_demo(tmp_path):
     folder = write_nodule_demo(tmp_path, n_train=8, n_test=2, seed=1)
     assert folder == tmp_path / NODULE_DEMO and is_classification_dataset(folder)
     ds = read_classification_dataset(folder)
-    assert ds.classes == {0: "benign", 1: "malignant"} and ds.crop_mm == [48.0, 48.0, 48.0]
+    assert ds.classes == {0: "benign", 1: "malignant"} and ds.crop_mm == [36.0, 36.0, 36.0]
     assert ds.channel_names == ["CT"] and len(ds.test_cases) == 2 and ds.test_cases[0].center_mm is not None
     assert Counter(c.label for c in ds.cases) == {0: 4, 1: 4}
     assert check_classification_dataset(ds) == []
@@ -330,7 +330,9 @@ def test_nodule_demo(tmp_path):
         assert np.median(image.array[0][ndimage.binary_dilation(mask, iterations=4) & ~ndimage.binary_dilation(
             mask, iterations=2)]) < -500  # in aerated lung
         crop = roi_crop(image, case.center_mm, ds.crop_mm)
-        assert crop.array.shape == (1, 32, 32, 32) and crop.array[0, 16, 16, 16] > -300
+        assert crop.array.shape == (1, 24, 24, 24) and crop.array[0, 12, 12, 12] > -300
+        # The region lies inside the lung: no chest wall or mediastinum in it to learn instead of the lesion.
+        assert np.mean(crop.array[0] > -300) < 0.15
         surface = mask & ~ndimage.binary_erosion(mask)
         volume[case.label].append(mask.sum())
         roughness[case.label].append(surface.sum() / mask.sum() ** (2 / 3))

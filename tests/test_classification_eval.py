@@ -167,6 +167,9 @@ def test_read_reference_from_csv(tmp_path):
     assert read_reference(ref) == ({"a": 1, "b": 0}, None)
     (tmp_path / "plain.csv").write_text("image,class\nc.mha,2\n")
     assert read_reference(tmp_path / "plain.csv") == ({"c": 2}, None)
+    # As the training reader: ';' separates channel files (the first names the case), an empty class is unlabelled
+    (tmp_path / "channels.csv").write_text("image,class\nd_t1.nii.gz;d_t2.nii.gz,benign\ne.nrrd,\nf.nrrd,malignant\n")
+    assert read_reference(tmp_path / "channels.csv") == ({"d_t1": 0, "f": 1}, {0: "benign", 1: "malignant"})
 
 
 def test_reference_variants_the_training_reader_also_accepts(tmp_path):

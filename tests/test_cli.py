@@ -14,7 +14,8 @@ from med3d.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["demo-data", "check-data", "prepare", "pretrain", "finetune", "predict", "evaluate", "export",
-            "inflate", "bench", "demo", "weights", "config", "encoders", "explain"]
+            "inflate", "bench", "demo", "weights", "config", "encoders", "explain",
+            "analyze", "study", "new-dataset", "new-config"]
 
 
 def run_cli(*args, cwd=None, env=None):
@@ -108,9 +109,10 @@ def test_benchmarks_run_and_report_ratios(capsys):
 # ------------------------------------------------------------------ shipped files
 
 def test_config_falls_back_to_the_shipped_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the names mean the shipped files
+    # (first the file by its full path, from the same folder: a shipped template's data paths name the working folder)
     assert main(["config", str(REPO / "configs" / "demo" / "pretrain.yaml")]) == 0
     expected = capsys.readouterr().out
-    monkeypatch.chdir(tmp_path)  # no configs/ here: the names mean the shipped files
     for name in ("configs/demo/pretrain.yaml", "demo/pretrain.yaml"):
         assert main(["config", name]) == 0, capsys.readouterr().err
         assert capsys.readouterr().out == expected
@@ -204,3 +206,16 @@ def test_inflate_bad_files_are_one_line(tmp_path, capsys):
 def test_weights_verify_without_a_file_is_one_line(capsys):
     assert main(["weights", "verify"]) == 2
     assert "give the FILE to verify" in one_line_error(capsys.readouterr().err, "weights")
+
+
+@pytest.mark.slow
+def test_a_reader_that_goes_away_is_not_a_traceback():
+    """``med3d ... | head -1``: the pipe closes before med3d writes; it stops quietly (no BrokenPipeError)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "med3d.cli", "config", "--schema"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() in (0, 141) and "Traceback" not in err and "BrokenPipe" not in err, err

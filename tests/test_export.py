@@ -103,6 +103,7 @@ def small_checkpoint(tmp_path, layout="dilated"):
     return path, model.eval()
 
 
+@pytest.mark.slow  # the dynamo ONNX export takes ~15 s on a CPU
 def test_onnx_matches_pytorch_with_dynamic_axes(tmp_path):
     import onnxruntime as ort
 
@@ -110,11 +111,15 @@ def test_onnx_matches_pytorch_with_dynamic_axes(tmp_path):
     diff = export_onnx(model, tmp_path / "m.onnx", [24, 40, 40])
     assert diff < 1e-4
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    x = torch.randn(2, 1, 20, 48, 36)  # another batch and spatial size than traced
+    div = model.task_divisibility("spleen")
+    x = torch.randn(2, 1, *(k * d for k, d in zip((3, 5, 4), div)))  # another batch and spatial size than traced
     with torch.no_grad():
         ref = model(x, "spleen").numpy()
     got = sess.run(None, {"image": x.numpy()})[0]
     assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-4
+    # The graph takes multiples of the divisibility; another size is refused, naming it (not silently wrong).
+    with pytest.raises(Exception, match=f"depth_must_be_a_multiple_of_{div[0]}"):
+        sess.run(None, {"image": torch.randn(1, 1, 3 * div[0] + 1, *x.shape[3:]).numpy()})
 
 
 def test_torchscript_export_runs_without_med3d_code(tmp_path):
@@ -139,6 +144,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "med3d.cli", *map(str, args)], capture_output=True, text=True)
 
 
+@pytest.mark.slow  # the dynamo ONNX export takes ~15 s on a CPU
 def test_cli_export_every_format(tmp_path, capsys):
     ckpt, model = small_checkpoint(tmp_path, layout="strided")
     for fmt, name in [("safetensors", "e.safetensors"), ("pt", "e.pt"), ("onnx", "m.onnx"),
@@ -335,12 +341,18 @@ def test_onnx_runs_at_sizes_off_the_stride(tmp_path, layout, kind, bn_randomizer
 
     model = model_with_head(layout, kind, bn_randomizer)
     assert model.size_divisibility == ((8,) * 3 if layout == "dilated" else (32,) * 3)
+    from med3d.inference.onnx_runtime import OnnxNetwork
+
     export_onnx(model, tmp_path / "m.onnx", [32, 32, 32])  # traced at a multiple of the stride
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     x = torch.randn(1, 1, *ODD)
     with torch.no_grad():
         ref = model(x, "t").numpy()
-    got = sess.run(None, {"image": x.numpy()})[0]
+    # The graph itself takes multiples of the divisibility and refuses other sizes, naming it ...
+    with pytest.raises(Exception, match=f"(depth|height|width)_must_be_a_multiple_of_{model.size_divisibility[0]}"):
+        sess.run(None, {"image": x.numpy()})
+    # ... and med3d's runner pads to them and crops back, as the PyTorch model does.
+    got = OnnxNetwork(sess, "t", model.size_divisibility, 1, "m.onnx")(x, "t").numpy()
     assert got.shape == ref.shape == (1, 2, *ODD)
     assert np.abs(got - ref).max() < 1e-4
 

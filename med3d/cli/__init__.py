@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable, List, Optional
 
 from .. import __version__
 from ..errors import Med3DError
-from . import data, explain, misc, predict, train, transfer
+from . import analyze, data, explain, misc, new, predict, study, train, transfer
 from ._common import Subparsers
 
 # The order of `med3d --help`.
 ADDERS: List[Callable[[Subparsers], None]] = [
     train.add_demo, data.add_demo_data, misc.add_config, transfer.add_encoders, misc.add_bench,
-    data.add_check_data, data.add_prepare, train.add_train, predict.add_predict, predict.add_evaluate,
-    explain.add_explain, transfer.add_export, transfer.add_inflate, transfer.add_weights,
+    new.add_new_dataset, new.add_new_config, data.add_check_data, data.add_prepare, train.add_train, study.add_study, predict.add_predict, predict.add_evaluate,
+    explain.add_explain, analyze.add_analyze, transfer.add_export, transfer.add_inflate, transfer.add_weights,
 ]
 
 
@@ -54,10 +55,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+        return status
     except Med3DError as err:
         print(f"med3d {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"med3d {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`med3d ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 141

@@ -79,7 +79,7 @@ def _prepare_jobs(args: argparse.Namespace) -> list:
         cfg = load_config(args.config, args.set)
         return [(e.path, cfg.data.cache_dir, dict(descriptor=e.descriptor, spacing=e.spacing,
                                                   normalization=e.normalization, check=cfg.data.check,
-                                                  crop_mm=e.crop_mm))
+                                                  crop_mm=e.crop_mm, label_map=e.label_map, ct_window=e.ct_window))
                 for e in cfg.data.datasets.values()]
     if not args.datasets:
         raise Med3DError("prepare: name the dataset folders, or --config CONFIG for the datasets a config trains on")

@@ -14,12 +14,14 @@ def _predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..data.image import image_suffix, read_channels, write_image
-    from ..inference import Predictor, collect_inputs
+    from ..inference import collect_inputs
     from ..preview import save_preview
 
     from ..inference.classify import is_classifier
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
+    from ..inference.ensemble import load_models, write_record
+
+    predictor = load_models(args.checkpoint, args.ensemble, args.device)  # several: their averaged probabilities
     task = predictor.task(args.task)
     if is_classifier(predictor, task):
         return _classify(args, predictor, task)
@@ -38,6 +40,7 @@ def _predict(args: argparse.Namespace) -> int:
             pred = predictor(image, task, overlap=args.overlap, mirror=args.mirror, sw_batch_size=args.sw_batch,
                              where=str(files[0]), probabilities=args.probabilities)
             write_image(target, pred.labels, pred.geometry, overwrite=args.overwrite)
+            _drift_check(image, predictor.meta["plans"][task], out / f"{case_id}_drift.json", str(files[0]))
             if args.probabilities:
                 write_image(out / f"{case_id}_probs.nii.gz", pred.probabilities.astype("float32"), pred.geometry,
                             overwrite=args.overwrite)
@@ -47,8 +50,23 @@ def _predict(args: argparse.Namespace) -> int:
         except Med3DError as err:
             failed += 1
             tqdm.write(f"error: {err}")
+    write_record(predictor, task, out)
     print(f"{len(cases) - failed} of {len(cases)} case(s) predicted into {out}" + (f"; {failed} failed" if failed else ""))
     return 1 if failed else 0
+
+
+def _drift_check(image: Any, plan: dict, target: Path, where: str) -> None:
+    """Compare the scan's intensities with the training scans': a warning line when outside, always a JSON."""
+    from tqdm import tqdm
+
+    from ..atomic import write_json_atomic
+    from ..inference.drift import drift_report, drift_warning
+
+    report = drift_report(image, plan)
+    line = drift_warning(report, where)
+    if line:
+        tqdm.write(line)
+    write_json_atomic(target, {"scan": where, **report})
 
 
 def _classify(args: argparse.Namespace, predictor: Any, task: str) -> int:
@@ -57,7 +75,8 @@ def _classify(args: argparse.Namespace, predictor: Any, task: str) -> int:
 
     from ..data.classification import ClassCase, roi_center_mm
     from ..data.image import read_channels
-    from ..inference.classify import classify, write_predictions_csv
+    from ..inference.classify import write_predictions_csv
+    from ..inference.ensemble import classify_scan, write_record
     from ..inference.inputs import roi_jobs
 
     target = Path(args.out) / "predictions.csv"
@@ -72,11 +91,12 @@ def _classify(args: argparse.Namespace, predictor: Any, task: str) -> int:
             image = read_channels(files)
             if center is None and mask is not None:
                 center = roi_center_mm(ClassCase(case_id, list(files), None, mask=mask), image)
-            rows.append(classify(predictor, image, task, center, case_id, where=str(files[0])))
+            rows.append(classify_scan(predictor, image, task, center, case_id, where=str(files[0])))
         except Med3DError as err:
             failed += 1
             tqdm.write(f"error: {err}")
     write_predictions_csv(target, rows, overwrite=args.overwrite)
+    write_record(predictor, task, target.parent)
     names = predictor.meta["plans"][task]["classes"]
     for r in rows[:20]:
         print(f"{r.case_id}: {names[str(r.predicted)]} (p = {r.probabilities[r.predicted]:.3f})")
@@ -127,7 +147,11 @@ def add_predict(sub: Subparsers) -> None:
     """
     p = sub.add_parser("predict", help="segment new scans (label maps in the scans' own geometry) or classify "
                        "them (predictions.csv of class probabilities)")
-    p.add_argument("checkpoint", help="med3d checkpoint (from pretrain / finetune)")
+    p.add_argument("checkpoint", help="med3d checkpoint (from pretrain / finetune), or its ONNX export "
+                   "(med3d export --format onnx; run by onnxruntime)")
+    p.add_argument("--ensemble", action="append", default=[], metavar="CHECKPOINT",
+                   help="also use this checkpoint (repeatable; e.g. the other folds' best.pt) and average the "
+                   "probabilities; every one must share the plan. ensemble.json beside the outputs names them")
     p.add_argument("inputs", nargs="+", help="image files (NIfTI, NRRD, MHA), DICOM series folders, image "
                    "folders or dataset folders")
     p.add_argument("--out", required=True, help="output folder")

@@ -17,6 +17,8 @@ def _train_cmd(job: str) -> Handler:
 
         resume = args.resume
         cfg = load_config(args.config, args.set)
+        if args.fold is not None or args.folds:
+            return _folds(args, cfg, job)
         if resume == "auto":
             resume = str(Path(cfg.run.out_dir) / "checkpoints" / "last.pt")
             if not Path(resume).is_file():
@@ -28,6 +30,20 @@ def _train_cmd(job: str) -> Handler:
         return 0
 
     return handler
+
+
+def _folds(args: argparse.Namespace, cfg, job: str) -> int:
+    """``--fold N`` / ``--folds all``: cross-validation folds into RUN/fold_N, then the fold summary."""
+    from ..study.crossval import fold_count, parse_folds, run_folds
+
+    if args.resume not in (None, "auto"):
+        raise Med3DError("--resume with --fold/--folds takes no checkpoint: each fold continues from its own "
+                         "RUN/fold_N/checkpoints/last.pt")
+    k = fold_count(cfg)
+    folds = parse_folds(args.folds, k) if args.folds else parse_folds(str(args.fold), k)
+    run_folds(cfg, job, folds, progress=not args.quiet, resume=args.resume is not None)
+    print(f"fold summary in {Path(cfg.run.out_dir) / 'fold_summary.md'}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -52,6 +68,12 @@ def add_train(sub: Subparsers) -> None:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                        help="continue a run exactly (default: RUN/checkpoints/last.pt). " + RESUME_RULE)
+        folds = p.add_mutually_exclusive_group()
+        folds.add_argument("--fold", type=int, metavar="N", help="train cross-validation fold N (of data.folds, "
+                           "default 5, or of data.splits_file) into RUN/fold_N")
+        folds.add_argument("--folds", metavar="all|N,M", help="train these folds (all: every one) into RUN/fold_N, "
+                           "one after another, then write RUN/fold_summary.csv and .md; with --resume, finished "
+                           "folds are skipped")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.set_defaults(handler=_train_cmd(job))
 

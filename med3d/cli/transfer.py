@@ -10,14 +10,18 @@ from ._common import Subparsers
 def _export(args: argparse.Namespace) -> int:
     from ..convert import model_from_file
     from ..export import ENCODER_FORMATS, export_encoder, export_onnx, export_torchscript
+    from ..model_card import run_metrics
 
     model, meta = model_from_file(args.checkpoint, arch=args.arch, in_channels=args.in_channels,
                                   layout=args.layout, conv=args.conv, shortcut=args.shortcut)
+    metrics = run_metrics(args.checkpoint)  # for the model card: the run's validation scores, where known
     if args.format in ENCODER_FORMATS:
-        export_encoder(model, args.format, args.out, meta=meta, overwrite=args.overwrite)
+        export_encoder(model, args.format, args.out, meta=meta, overwrite=args.overwrite, licence=args.licence,
+                       metrics=metrics)
     elif args.format == "onnx":
-        diff = export_onnx(model, args.out, args.input_size, task=args.task, overwrite=args.overwrite)
-        print(f"onnxruntime vs PyTorch on a random input: max abs difference {diff:.2e}")
+        diff = export_onnx(model, args.out, args.input_size, task=args.task, overwrite=args.overwrite, meta=meta,
+                           licence=args.licence, metrics=metrics)
+        print(f"onnxruntime vs PyTorch on random inputs at two sizes: max abs difference {diff:.2e}")
     else:
         export_torchscript(model, args.out, args.input_size, task=args.task, overwrite=args.overwrite)
     print(f"wrote {args.out} ({args.format})")
@@ -74,13 +78,17 @@ def add_export(sub: Subparsers) -> None:
     p = sub.add_parser("export", help="export encoder weights or a whole model in another format",
                        description="Export from a med3d checkpoint, a med3d export, or other encoder weights "
                                    "(with --arch). Encoder formats: safetensors (default, with metadata), pt, "
-                                   "medicalnet, monai. Whole-model formats (need a head): onnx, torchscript.")
+                                   "medicalnet, monai. Whole-model formats (need a head): onnx (with the plan "
+                                   "`med3d predict model.onnx` needs), torchscript (legacy).")
     p.add_argument("checkpoint", help="med3d checkpoint or weights file")
     p.add_argument("--format", choices=FORMATS, default="safetensors")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--task", help="which head to export (onnx, torchscript)")
     p.add_argument("--input-size", type=int, nargs=3, default=[32, 64, 64], metavar=("D", "H", "W"),
-                   help="example input for tracing (spatial axes stay dynamic in ONNX)")
+                   help="example input for tracing (ONNX: rounded up to the head's size divisibility; the graph "
+                   "takes any multiple of it)")
+    p.add_argument("--licence", "--license", dest="licence",
+                   help="licence of the exported weights, stated in the model card (default: unspecified)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--arch", help="encoder for plain weights, e.g. resnet50")
     p.add_argument("--in-channels", type=int, default=1)

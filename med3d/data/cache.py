@@ -35,7 +35,7 @@ from ..errors import Med3DError
 from ..atomic import write_atomic, write_json_atomic
 from .check import require_valid
 from .datalist import Case, DatasetInfo, read_dataset
-from .image import read_channels, read_image
+from .image import read_channels
 from .plan import case_seed, case_fingerprint, dataset_fingerprint, find_descriptor, load_descriptor, make_plan, plan_hash
 from .preprocess import preprocess
 
@@ -111,7 +111,7 @@ def prepare_case(case: Case, plan: Dict[str, Any], folder: Path) -> Dict[str, An
     the case id), so a resumed ``prepare`` writes the same bytes as a fresh one.
     """
     image = read_channels(case.images)
-    label = read_image(case.label, dtype=np.int16).array if case.label else None
+    label = case.read_label(np.int16).array if case.label else None  # through the dataset's label map
     data, seg, props = preprocess(image, label, plan)
     files = case_files(folder, case.case_id)
     write_atomic(files["data"], lambda tmp: np.save(tmp, data))
@@ -159,9 +159,14 @@ def _map(fn, jobs: List[Any], workers: int, desc: str, progress: bool) -> List[A
     return [fn(j) for j in tqdm(jobs, desc=desc, unit="case", disable=not progress, leave=False)]
 
 
+def _map_key(info: DatasetInfo) -> Optional[Dict[str, int]]:
+    return {str(k): v for k, v in info.label_map.items()} if info.label_map else None
+
+
 def plan_dataset(info: DatasetInfo, folder: Path, workers: int = 0, progress: bool = False,
                  descriptor: Optional[PathLike] = None, spacing: Optional[Sequence[float]] = None,
-                 normalization: Optional[Sequence[str]] = None, read_only: bool = False) -> Dict[str, Any]:
+                 normalization: Optional[Sequence[str]] = None, read_only: bool = False,
+                 ct_window: Optional[Sequence[float]] = None) -> Dict[str, Any]:
     """Fingerprint (reused when its sources are unchanged) and plan for one dataset.
 
     With ``read_only`` nothing is computed or written: a missing or stale fingerprint is an error
@@ -172,7 +177,8 @@ def plan_dataset(info: DatasetInfo, folder: Path, workers: int = 0, progress: bo
     fp = None
     if fp_path.is_file():
         old = json.loads(fp_path.read_text())
-        if old.get("sources") == stamps:
+        # The label map decides which voxels are foreground: another map, another fingerprint.
+        if old.get("sources") == stamps and old.get("label_map") == _map_key(info):
             fp = old
     if fp is None and read_only:
         raise Med3DError(f"dataset {info.root}: not prepared in {folder.parent}, or changed since; run "
@@ -180,11 +186,11 @@ def plan_dataset(info: DatasetInfo, folder: Path, workers: int = 0, progress: bo
     if fp is None:
         per_case = _map(_fingerprint_one, info.cases, workers, f"fingerprint {info.name}", progress)
         fp = dataset_fingerprint(info, per_case)
-        fp["sources"] = stamps
+        fp["sources"], fp["label_map"] = stamps, _map_key(info)
         write_json_atomic(fp_path, fp)
     desc_path = Path(descriptor) if descriptor else find_descriptor(info.name)
     desc = load_descriptor(desc_path) if desc_path else None
-    plan = make_plan(info, fp, desc, spacing, normalization)
+    plan = make_plan(info, fp, desc, spacing, normalization, ct_window)
     plan["descriptor"] = str(desc_path) if desc_path else None
     plan["fingerprint"] = {k: v for k, v in fp.items() if k != "sources"}
     return plan
@@ -192,13 +198,18 @@ def plan_dataset(info: DatasetInfo, folder: Path, workers: int = 0, progress: bo
 
 def prepare_dataset(root: PathLike, cache_dir: PathLike, workers: int = 0, progress: bool = True,
                     descriptor: Optional[PathLike] = None, spacing: Optional[Sequence[float]] = None,
-                    normalization: Optional[Sequence[str]] = None, check: bool = True) -> PrepareResult:
-    """Check, plan and preprocess one dataset into ``cache_folder(cache_dir, root)`` (resumable, idempotent)."""
-    info = read_dataset(root)
+                    normalization: Optional[Sequence[str]] = None, check: bool = True,
+                    label_map: Optional[Dict[str, Any]] = None,
+                    ct_window: Optional[Sequence[float]] = None) -> PrepareResult:
+    """Check, plan and preprocess one dataset into ``cache_folder(cache_dir, root)`` (resumable, idempotent).
+
+    ``label_map`` (name -> label file value(s)) replaces dataset.json's; ``ct_window`` is a fixed HU window.
+    """
+    info = read_dataset(root, label_map)
     if check:
         require_valid(info, workers)
     folder = cache_folder(cache_dir, root)
-    plan = plan_dataset(info, folder, workers, progress, descriptor, spacing, normalization)
+    plan = plan_dataset(info, folder, workers, progress, descriptor, spacing, normalization, ct_window=ct_window)
     phash = plan_hash(plan)
     write_json_atomic(folder / "plan.json", {**plan, "plan_hash": phash})
     todo = [c for c in info.cases if not is_done(folder, c, phash)]
@@ -215,7 +226,8 @@ def prepare_dataset(root: PathLike, cache_dir: PathLike, workers: int = 0, progr
 
 def check_prepared(root: PathLike, cache_dir: PathLike, descriptor: Optional[PathLike] = None,
                    spacing: Optional[Sequence[float]] = None,
-                   normalization: Optional[Sequence[str]] = None) -> Path:
+                   normalization: Optional[Sequence[str]] = None, label_map: Optional[Dict[str, Any]] = None,
+                   ct_window: Optional[Sequence[float]] = None) -> Path:
     """The cache folder of a dataset that is fully prepared under its current plan; writes nothing.
 
     Args:
@@ -227,10 +239,10 @@ def check_prepared(root: PathLike, cache_dir: PathLike, descriptor: Optional[Pat
     Raises:
         Med3DError: the cache is missing, stale, or lacks a case; the message says what to run.
     """
-    info = read_dataset(root)
+    info = read_dataset(root, label_map)
     folder = cache_folder(cache_dir, root)
     phash = plan_hash(plan_dataset(info, folder, descriptor=descriptor, spacing=spacing,
-                                   normalization=normalization, read_only=True))
+                                   normalization=normalization, read_only=True, ct_window=ct_window))
     missing = [c.case_id for c in info.cases if not is_done(folder, c, phash)]
     if missing:
         raise Med3DError(f"dataset {root}: {len(missing)} case(s) not prepared under the current plan in "

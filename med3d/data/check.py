@@ -51,7 +51,7 @@ def check_case(case: Case, num_channels: int, labels: Sequence[int]) -> List[Pro
     if case.label is None:
         return out
     try:
-        label = read_image(case.label, dtype=None)
+        label = read_image(case.label, dtype=None)  # as stored: the mapping is checked below
     except Med3DError as err:
         return out + [Problem("error", str(err))]
     if label.channels != 1:
@@ -67,11 +67,39 @@ def check_case(case: Case, num_channels: int, labels: Sequence[int]) -> List[Pro
             out.append(Problem("error", f"{case.label}: label values are not integers"))
             return out
     values = np.unique(arr).astype(np.int64)
+    if case.label_map is not None:
+        return out + _mapped_absent(case, set(values.tolist()))
     extra = sorted(set(values.tolist()) - set(labels))
     if extra:
         out.append(Problem("error", f"{case.label}: label value(s) {extra} not declared in dataset.json "
                                     f"(declared {sorted(labels)})"))
     return out
+
+
+def _mapped_absent(case: Case, present: set) -> List[Problem]:
+    """With a label mapping every unmapped value is background by design; a mapped structure with none
+    of its values in the file is worth a warning (a wrong value in the mapping shows up this way)."""
+    by_target: dict = {}
+    for src, dst in (case.label_map or {}).items():
+        by_target.setdefault(dst, []).append(src)
+    out = []
+    for dst, srcs in sorted(by_target.items()):
+        if not present & set(srcs):
+            out.append(Problem("warning", f"{case.label}: label {dst} is mapped from value(s) {sorted(srcs)}, "
+                                          f"none of which occurs in this file (values present: "
+                                          f"{sorted(present)[:12]}{' ...' if len(present) > 12 else ''})"))
+    return out
+
+
+def _label_gaps(info: DatasetInfo) -> List[Problem]:
+    """Training labels must be 0..N: the network has one output per class, and a value past N fails the loss."""
+    values = sorted(info.labels)
+    if values == list(range(len(values))):
+        return []
+    return [Problem("error", f"{info.root / 'dataset.json'}: labels {values[:12]}{' ...' if len(values) > 12 else ''}"
+                             " are not numbered 0..N without gaps, which training needs; add a label_map that "
+                             "names the structures to keep (med3d new-dataset --labels liver=5 ..., or "
+                             "data.datasets.<task>.label_map in the config)")]
 
 
 def _check_one(args) -> List[Problem]:
@@ -80,7 +108,7 @@ def _check_one(args) -> List[Problem]:
 
 def check_dataset(info: DatasetInfo, workers: int = 0, progress: bool = False) -> List[Problem]:
     """Problems of the whole dataset: reading ``dataset.json`` entries, then every case."""
-    problems = [Problem("error", msg) for msg in info.problems]
+    problems = [Problem("error", msg) for msg in info.problems] + _label_gaps(info)
     jobs = [(case, info.num_channels, list(info.labels)) for case in info.cases]
     jobs += [(case, info.num_channels, list(info.labels)) for case in info.test_cases]
     results: Iterable[List[Problem]]

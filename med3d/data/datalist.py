@@ -3,18 +3,24 @@
 Both layouts become a ``DatasetInfo``: channel names, integer labels, and cases that each
 list their image file(s) (one multi-channel file, or one file per channel) and label file.
 Every path stays inside the dataset root: an entry pointing elsewhere, or at a missing file,
-is recorded as a problem for ``check-data`` and its case left out.
+is recorded as a problem for ``check-data`` and its case left out. A symbolic link placed inside
+the root is followed (``med3d new-dataset`` links the user's files that way rather than copy them).
+
+A ``label_map`` (in dataset.json, med3d's own key, or in the config) keeps some structures of the
+label files and makes the rest background; each case carries its value table, applied on reading.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..errors import Med3DError
-from .image import list_images, strip_suffix
+from .image import Image, list_images, read_image, strip_suffix
+from .labelmap import LabelMapSpec, apply_table, resolve_label_map
 
 PathLike = Union[str, Path]
 
@@ -24,6 +30,24 @@ class Case:
     case_id: str
     images: List[Path]  # one multi-channel file, or one file per channel
     label: Optional[Path] = None
+    label_map: Optional[Dict[int, int]] = None  # label file value -> training value (others: 0); None: as stored
+
+    def read_label(self, dtype: Any = None) -> Image:
+        """The case's label map with its value table applied (the file is not changed).
+
+        Args:
+            dtype: array dtype to read as (None: as stored).
+
+        Returns:
+            The label image.
+
+        Raises:
+            Med3DError: no label file, or it cannot be read.
+        """
+        if self.label is None:
+            raise Med3DError(f"case {self.case_id}: has no label file")
+        image = read_image(self.label, dtype=dtype)
+        return Image(apply_table(image.array, self.label_map), image.geometry)
 
 
 @dataclass
@@ -36,6 +60,7 @@ class DatasetInfo:
     cases: List[Case]
     test_cases: List[Case] = field(default_factory=list)
     problems: List[str] = field(default_factory=list)  # entries left out, one line each
+    label_map: Optional[Dict[int, int]] = None  # the value table every case's label is read through
 
     @property
     def num_channels(self) -> int:
@@ -48,8 +73,9 @@ class DatasetInfo:
 
 def _inside(root: Path, rel: str, where: str, problems: List[str]) -> Optional[Path]:
     """Resolve ``rel`` against ``root``; record a problem and return None if it escapes or is missing."""
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root.resolve()):
+    # Lexically, not through symlinks: a link placed inside the root is the user's choice.
+    path = Path(os.path.normpath(root.absolute() / rel))
+    if not path.is_relative_to(Path(os.path.normpath(root.absolute()))):
         problems.append(f"{root / 'dataset.json'}: {where} '{rel}' points outside the dataset root; "
                         "keep every file inside the dataset folder")
         return None
@@ -173,8 +199,41 @@ def _read_nnunet(root: Path, meta: Dict[str, Any]) -> DatasetInfo:
                        cases, tests, problems)
 
 
-def read_dataset(root: PathLike) -> DatasetInfo:
-    """Read a dataset folder in Decathlon or nnU-Net v2 raw layout (told apart by dataset.json's keys)."""
+def apply_label_map(info: DatasetInfo, spec: LabelMapSpec, where: str) -> DatasetInfo:
+    """Train ``info`` on the structures ``spec`` names (name -> value(s) in its label files), the rest background.
+
+    Args:
+        info: the dataset as read.
+        spec: the mapping, in the order the training labels are numbered.
+        where: how errors name the mapping.
+
+    Returns:
+        ``info`` with its labels replaced and every case reading its label through the value table.
+
+    Raises:
+        Med3DError: the mapping is malformed.
+    """
+    info.labels, table = resolve_label_map(spec, where)
+    info.label_map = table
+    for case in info.cases:
+        case.label_map = table
+    return info
+
+
+def read_dataset(root: PathLike, label_map: Optional[LabelMapSpec] = None) -> DatasetInfo:
+    """Read a dataset folder in Decathlon or nnU-Net v2 raw layout (told apart by dataset.json's keys).
+
+    Args:
+        root: the dataset folder.
+        label_map: structures to train on (name -> label file value(s)); None: dataset.json's own
+            ``label_map`` when it has one, else the labels as declared.
+
+    Returns:
+        The dataset.
+
+    Raises:
+        Med3DError: no readable dataset.json, or a malformed label mapping.
+    """
     root = Path(root)
     if not root.is_dir():
         raise Med3DError(f"{root}: dataset folder not found")
@@ -187,6 +246,12 @@ def read_dataset(root: PathLike) -> DatasetInfo:
         raise Med3DError(f"{root / 'dataset.json'}: neither Decathlon ('modality', 'training') nor nnU-Net v2 "
                          "('channel_names', 'file_ending') keys found")
     info.name = root.name  # folder names (Task09_Spleen, Dataset009_Spleen) are what configs refer to
+    if label_map is not None:
+        apply_label_map(info, label_map, f"label_map for {root}")
+    elif meta.get("label_map") is not None:
+        if not isinstance(meta["label_map"], dict):
+            raise Med3DError(f"{root / 'dataset.json'}: 'label_map' must map names to label values")
+        apply_label_map(info, meta["label_map"], f"{root / 'dataset.json'}: label_map")
     if not info.cases and not info.problems:
         info.problems.append(f"{root}: no training cases found")
     return info

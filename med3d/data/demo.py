@@ -276,20 +276,20 @@ _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS -> LPS: dataset.json centres are ITK wo
 
 
 def _chest(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[float]) -> Arr:
-    """CT chest slab in HU: soft-tissue body, two aerated lungs with vessels, array (X, Y, Z)."""
+    """CT chest slab in HU: soft-tissue body, two aerated lungs with sparse vessels, array (X, Y, Z)."""
     x, y, z = _grid(shape, spacing)
     fov = np.asarray(shape) * spacing
     body = ((x / (fov[0] * 0.48)) ** 2 + (y / (fov[1] * 0.42)) ** 2) < 1
     lungs = np.zeros(shape, bool)
     for side in (-1, 1):  # plain ellipsoids: the lesion, not the lungs, is what the task is about
-        r = fov * [0.17, 0.32, 0.62] * rng.uniform(0.9, 1.1, 3)
-        lungs |= ((x - side * fov[0] * 0.21) / r[0]) ** 2 + ((y - rng.uniform(-3, 3)) / r[1]) ** 2 + (z / r[2]) ** 2 < 1
+        r = fov * [0.2, 0.34, 0.7] * rng.uniform(0.95, 1.05, 3)
+        lungs |= ((x - side * fov[0] * 0.23) / r[0]) ** 2 + ((y - rng.uniform(-3, 3)) / r[1]) ** 2 + (z / r[2]) ** 2 < 1
     lungs &= body
     texture = _noise(shape, rng, 1.2)
     hu = np.full(shape, -1000.0, np.float32)
     hu[body] = 40.0
     hu[lungs] = -850.0 + 25 * texture[lungs]  # parenchyma
-    hu[lungs & (texture > 2.2)] = -80.0  # vessels: small bright dots, distractors the size of spicules
+    hu[lungs & (texture > 2.6)] = -80.0  # vessels: small bright spots, distractors the size of spicules
     return hu
 
 
@@ -313,10 +313,10 @@ def _nodule(d: Arr, voxel_mm3: float, radius: float, spiculated: bool, rng: np.r
                 for v, w in zip(_unit_vectors(rng, 5), rng.uniform(0.3, 0.6, 5)))
     shape_r = 0.75 + lobes  # star-shaped core: relative radius per direction
     spicules = np.zeros(dist.shape, bool)
-    for s, length in zip(_unit_vectors(rng, int(rng.integers(6, 11))), rng.uniform(1.6, 2.6, 10)):
+    for s, length in zip(_unit_vectors(rng, int(rng.integers(6, 11))), rng.uniform(1.5, 2.2, 10)):
         a = np.tensordot(s, d, axes=1)  # distance along the spicule
         reach = length * radius
-        width = 1.6 * (1 - a / reach) + 0.5  # tapering towards its tip
+        width = 2.2 * (1 - a / reach) + 0.9  # mm, tapering towards its tip; two voxels or more at 1.5 mm
         spicules |= (a > 0) & (a < reach) & (dist ** 2 - a ** 2 < width ** 2)
     # Scale the core so that core + spicules has the sphere's volume (a star shape scales as r^3).
     extra = np.count_nonzero(spicules & (dist > radius * shape_r))
@@ -325,7 +325,7 @@ def _nodule(d: Arr, voxel_mm3: float, radius: float, spiculated: bool, rng: np.r
     return (dist < radius * scale * shape_r) | spicules
 
 
-def nodule_case(rng: np.random.Generator, label: int, shape_zyx: Sequence[int] = (48, 64, 64),
+def nodule_case(rng: np.random.Generator, label: int, shape_zyx: Sequence[int] = (48, 96, 96),
                 spacing: float = 1.5) -> Tuple[Arr, Arr, Arr, List[float]]:
     """One chest CT with one lung lesion of class ``label`` (0 smooth, 1 spiculated).
 
@@ -343,12 +343,12 @@ def nodule_case(rng: np.random.Generator, label: int, shape_zyx: Sequence[int] =
     hu = _chest(rng, shape, sp)
     fov = np.asarray(shape) * sp
     side = rng.choice([-1, 1])
-    centre = np.array([side * fov[0] * 0.21 + rng.uniform(-3, 3), rng.uniform(-0.12, 0.12) * fov[1],
+    centre = np.array([side * fov[0] * 0.23 + rng.uniform(-3, 3), rng.uniform(-0.12, 0.12) * fov[1],
                        rng.uniform(-0.15, 0.15) * fov[2]], np.float32)
-    radius = rng.uniform(4.5, 7.5)
+    radius = rng.uniform(4.0, 6.5)
     index = centre / sp + (np.asarray(shape) - 1) / 2  # _grid is centred on the volume
-    # Only a box around the lesion is computed: spicules reach at most 2.6 radii.
-    half = np.ceil(2.7 * radius / sp).astype(int) + 2
+    # Only a box around the lesion is computed: spicules reach at most 2.2 radii.
+    half = np.ceil(2.3 * radius / sp).astype(int) + 2
     lo = np.maximum(np.round(index).astype(int) - half, 0)
     hi = np.minimum(np.round(index).astype(int) + half + 1, shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
@@ -366,8 +366,8 @@ def nodule_case(rng: np.random.Generator, label: int, shape_zyx: Sequence[int] =
 
 
 def write_nodule_demo(root: str | Path, n_train: int = 20, n_test: int = 4, seed: int = 0,
-                      shape_zyx: Sequence[int] = (48, 64, 64), spacing: float = 1.5,
-                      crop_mm: Sequence[float] = (48.0, 48.0, 48.0)) -> Path:
+                      shape_zyx: Sequence[int] = (48, 96, 96), spacing: float = 1.5,
+                      crop_mm: Sequence[float] = (36.0, 36.0, 36.0)) -> Path:
     """Write ``Task90_NoduleDemo``: a Decathlon-style lung-nodule classification dataset.
 
     Each CT holds one lesion; class 0 (benign) is a smooth ellipsoid, class 1 (malignant) a lobulated,

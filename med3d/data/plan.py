@@ -12,12 +12,24 @@ the field's defaults (nnU-Net's scheme):
   non-zero region;
 - crop every case to the bounding box of its non-zero voxels.
 
+CT offers a second scheme beside the percentiles: a fixed HU window (``ct_window: [lo, hi]``),
+``x -> (clip(x, lo, hi) - (lo + hi) / 2) / ((hi - lo) / 2)``, so the window spans exactly [-1, 1].
+Percentiles adapt to the training scans, which is right when they are many and varied; with a
+handful of scans (or a scanner whose calibration differs) a window chosen for the anatomy, as
+radiologists read it (abdomen: -160..240), carries over to new scans unchanged. The plan warns
+when percentile statistics rest on fewer than ``FEW_CASES`` scans.
+
+The fingerprint also keeps the 1st, 50th and 99th intensity percentiles of each training scan (inside
+its non-zero box): ``predict`` compares a new scan's with them to warn about scans unlike the training
+ones (``med3d.inference.drift``).
+
 A descriptor in ``datasets/`` (or the config) can override spacing and normalisation.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -28,13 +40,19 @@ import yaml
 from ..errors import Med3DError
 from ..resources import resource_dir
 from .datalist import Case, DatasetInfo
-from .image import read_channels, read_image
+from .image import read_channels
 
 PREPROCESS_VERSION = 1  # bump when the preprocessing code changes what it writes
 ANISOTROPY_RATIO = 3.0
 FG_SAMPLES_PER_CASE = 10000
 NORM_SCHEMES = ("ct", "zscore", "none")
-DESCRIPTOR_KEYS = {"key", "title", "modality", "labels", "target_spacing", "normalization", "notes", "source"}
+DESCRIPTOR_KEYS = {"key", "title", "modality", "labels", "target_spacing", "normalization", "ct_window", "notes",
+                   "source"}
+FEW_CASES = 5  # below this many training scans, percentile statistics describe the scans more than the modality
+DRIFT_PERCENTILES = (1, 50, 99)  # per scan, for predict's drift check
+DRIFT_SAMPLE = 200_000  # voxels per scan the percentiles are taken over (evenly strided)
+
+log = logging.getLogger("med3d.data")
 
 
 # ---------------------------------------------------------------- cropping
@@ -58,6 +76,28 @@ def crop(array: np.ndarray, box: Sequence[Tuple[int, int]]) -> np.ndarray:
 
 # ---------------------------------------------------------------- fingerprint
 
+def intensity_percentiles(array: np.ndarray) -> List[Dict[str, float]]:
+    """Per channel, the ``DRIFT_PERCENTILES`` of a ``(C, Z, Y, X)`` scan inside its non-zero box.
+
+    Taken over an evenly strided sample of at most ``DRIFT_SAMPLE`` voxels, so the figure is the
+    same for the same scan wherever it is computed (fingerprint or predict).
+
+    Args:
+        array: the scan as read.
+
+    Returns:
+        One ``{"p01": ..., "p50": ..., "p99": ...}`` per channel.
+    """
+    data = crop(array, nonzero_bbox(array))
+    out = []
+    for ch in range(data.shape[0]):
+        flat = data[ch].reshape(-1)
+        sample = flat[:: max(1, flat.size // DRIFT_SAMPLE)].astype(np.float64)
+        values = np.percentile(sample, DRIFT_PERCENTILES)
+        out.append({f"p{q:02d}": float(v) for q, v in zip(DRIFT_PERCENTILES, values)})
+    return out
+
+
 def case_seed(case_id: str) -> int:
     """A seed that depends on the case id alone (not on its position in any list)."""
     return int(hashlib.sha256(case_id.encode()).hexdigest()[:8], 16)
@@ -66,11 +106,12 @@ def case_seed(case_id: str) -> int:
 def case_fingerprint(case: Case) -> Dict[str, Any]:
     """Spacing, cropped shape, foreground intensity samples and label counts of one case."""
     image = read_channels(case.images)
-    label = read_image(case.label, dtype=np.int16).array if case.label else None
+    label = case.read_label(np.int16).array if case.label else None
     box = nonzero_bbox(image.array)
     data = crop(image.array, box)
     out: Dict[str, Any] = {"case_id": case.case_id, "spacing": list(image.geometry.spacing_zyx),
-                           "shape": list(image.array.shape[1:]), "cropped_shape": list(data.shape[1:])}
+                           "shape": list(image.array.shape[1:]), "cropped_shape": list(data.shape[1:]),
+                           "percentiles": intensity_percentiles(image.array)}
     if label is not None:
         seg = crop(label, box)[0]
         fg = np.flatnonzero(seg > 0)
@@ -107,12 +148,25 @@ def dataset_fingerprint(info: DatasetInfo, per_case: Sequence[Dict[str, Any]]) -
         labels[name] = {"value": value, "cases_with": len(present),
                         "mean_voxel_share": float(np.mean(share)) if share else 0.0}
     return {"dataset": info.name, "num_cases": len(per_case), "channel_names": info.channel_names,
+            "scan_percentiles": _percentile_ranges(per_case, info.num_channels),
             "spacing": {"median": median.tolist(), "p10": np.percentile(spacings, 10, axis=0).tolist(),
                         "min": spacings.min(0).tolist(), "max": spacings.max(0).tolist(),
                         "anisotropy": float(median.max() / median.min())},
             "cropped_shape": {"median": np.median(shapes, axis=0).tolist(), "min": shapes.min(0).tolist(),
                               "max": shapes.max(0).tolist()},
             "intensity": intensity, "labels": labels}
+
+
+def _percentile_ranges(per_case: Sequence[Dict[str, Any]], channels: int) -> Optional[List[Dict[str, List[float]]]]:
+    """Per channel and percentile, the lowest and highest value over the training scans (None: not recorded)."""
+    if not per_case or any("percentiles" not in c for c in per_case):
+        return None
+    out = []
+    for ch in range(channels):
+        keys = per_case[0]["percentiles"][ch]
+        out.append({k: [min(c["percentiles"][ch][k] for c in per_case), max(c["percentiles"][ch][k] for c in per_case)]
+                    for k in keys})
+    return out
 
 
 # ---------------------------------------------------------------- descriptors
@@ -164,11 +218,51 @@ def target_spacing(fp: Dict[str, Any]) -> Tuple[List[float], Optional[int]]:
     return median, None
 
 
+def _ct_entry(info: DatasetInfo, fp: Dict[str, Any], ch: int, window: Optional[Sequence[float]],
+              warnings: List[str]) -> Dict[str, Any]:
+    """A CT channel's normalisation: the fixed HU window when given, else the foreground percentiles."""
+    if window is not None:
+        if len(window) != 2 or not window[0] < window[1]:
+            raise Med3DError(f"dataset {info.name}: ct_window must be [low, high] HU with low < high, got "
+                             f"{list(window)}")
+        lo, hi = float(window[0]), float(window[1])
+        # Centre and half-width as mean and std: the window maps exactly onto [-1, 1].
+        return {"scheme": "ct", "window": [lo, hi], "clip": [lo, hi], "mean": (lo + hi) / 2, "std": (hi - lo) / 2}
+    stats = fp["intensity"][ch]
+    if stats is None:
+        raise Med3DError(f"dataset {info.name}: CT normalisation needs foreground voxels; no label has any "
+                         "(or set ct_window for a fixed HU window)")
+    if fp["num_cases"] < FEW_CASES:
+        warnings.append(f"dataset {info.name}: the CT intensity statistics (clip {stats['p00_5']:.0f}.."
+                        f"{stats['p99_5']:.0f}, mean {stats['mean']:.0f}, std {stats['std']:.0f}) come from "
+                        f"{fp['num_cases']} scan(s) only; new scans may fall outside them. A fixed HU window "
+                        "(ct_window: [-160, 240] for the abdomen) does not depend on the training scans")
+    return {"scheme": "ct", "clip": [stats["p00_5"], stats["p99_5"]], "mean": stats["mean"],
+            "std": max(stats["std"], 1e-6)}
+
+
 def make_plan(info: DatasetInfo, fp: Dict[str, Any], descriptor: Optional[Dict[str, Any]] = None,
               spacing: Optional[Sequence[float]] = None,
-              normalization: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """The preprocessing plan: fingerprint defaults, then the descriptor, then explicit overrides."""
+              normalization: Optional[Sequence[str]] = None,
+              ct_window: Optional[Sequence[float]] = None) -> Dict[str, Any]:
+    """The preprocessing plan: fingerprint defaults, then the descriptor, then explicit overrides.
+
+    Args:
+        info: the dataset (its labels after any label mapping).
+        fp: its fingerprint.
+        descriptor: a dataset descriptor's contents.
+        spacing: target spacing (z, y, x) mm, overriding the fingerprint's and descriptor's.
+        normalization: one scheme per channel, overriding the defaults.
+        ct_window: a fixed HU window ``[low, high]`` for the CT channels instead of percentiles.
+
+    Returns:
+        The plan (``warnings`` lists what the user should know, e.g. statistics from few scans).
+
+    Raises:
+        Med3DError: an override is malformed.
+    """
     descriptor = descriptor or {}
+    ct_window = ct_window if ct_window is not None else descriptor.get("ct_window")
     spacing_zyx, aniso_axis = target_spacing(fp)
     explicit = spacing or descriptor.get("target_spacing")
     if explicit is not None:
@@ -182,30 +276,32 @@ def make_plan(info: DatasetInfo, fp: Dict[str, Any], descriptor: Optional[Dict[s
     if len(schemes) != info.num_channels:
         raise Med3DError(f"dataset {info.name}: {len(schemes)} normalization scheme(s) for "
                          f"{info.num_channels} channel(s)")
-    norm = []
+    norm, warnings = [], []
     for ch, scheme in enumerate(schemes):
         if scheme not in NORM_SCHEMES:
             raise Med3DError(f"dataset {info.name}: normalization '{scheme}' unknown; choose from "
                              f"{', '.join(NORM_SCHEMES)}")
-        entry: Dict[str, Any] = {"scheme": scheme}
-        if scheme == "ct":
-            stats = fp["intensity"][ch]
-            if stats is None:
-                raise Med3DError(f"dataset {info.name}: CT normalisation needs foreground voxels; no label "
-                                 "has any")
-            entry.update(clip=[stats["p00_5"], stats["p99_5"]], mean=stats["mean"], std=max(stats["std"], 1e-6))
-        norm.append(entry)
+        norm.append(_ct_entry(info, fp, ch, ct_window, warnings) if scheme == "ct" else {"scheme": scheme})
+    if ct_window is not None and not any(n["scheme"] == "ct" for n in norm):
+        raise Med3DError(f"dataset {info.name}: ct_window is set but no channel is normalised as CT "
+                         f"(schemes: {', '.join(schemes)}); set normalization: [ct] or drop ct_window")
+    for line in warnings:
+        log.warning("warning: %s", line)
     ratio = np.asarray(fp["spacing"]["median"]) / np.asarray(spacing_zyx)
     resampled = np.round(np.asarray(fp["cropped_shape"]["median"]) * ratio).astype(int)
     return {"dataset": info.name, "layout": info.layout, "channel_names": info.channel_names,
             "labels": {str(k): v for k, v in info.labels.items()}, "target_spacing": spacing_zyx,
             "anisotropic_axis": aniso_axis, "crop_nonzero": True, "normalization": norm,
-            "median_shape_resampled": resampled.tolist(), "preprocess_version": PREPROCESS_VERSION}
+            "median_shape_resampled": resampled.tolist(), "preprocess_version": PREPROCESS_VERSION,
+            "label_map": {str(k): v for k, v in info.label_map.items()} if info.label_map else None,
+            "warnings": warnings}
 
 
 def plan_hash(plan: Dict[str, Any]) -> str:
     """Hash of the plan fields that change the preprocessed arrays (not notes or statistics shown only)."""
     keys = ("target_spacing", "anisotropic_axis", "crop_nonzero", "normalization", "channel_names",
             "preprocess_version")
+    if plan.get("label_map"):  # only when set, so caches prepared before label maps keep their hash
+        keys += ("label_map", "labels")
     blob = json.dumps({k: plan.get(k) for k in keys}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..plotting import pyplot
+
 
 class RunLogger:
     """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
@@ -56,12 +58,8 @@ def read_metrics(path: Path) -> List[Dict[str, Any]]:
 
 def plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:
     """Loss and validation-Dice curves as a PNG (None when matplotlib, an optional extra, is missing)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     from ..atomic import write_atomic
 

@@ -3,13 +3,15 @@
 A prepared cache is a precondition of training: a single-process run prepares it first (check,
 plan, preprocess; a no-op when it is current); under torchrun every rank only checks that
 ``med3d prepare`` finished it before the ranks started, so no rank waits on another's
-preprocessing. Each dataset is then split into training and held-out cases with a seeded shuffle.
+preprocessing. Each dataset is then split into training and held-out cases: one cross-validation
+fold (``med3d.data.splits``), named validation cases, the dataset's own validation split, or a
+seeded hold-out; ``split.json`` in the run folder records the case ids each side got.
 """
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -23,6 +25,8 @@ from ..data.classification import (is_classification_dataset, read_classificatio
                                    require_valid_classification)
 from ..data.datalist import read_dataset
 from ..data.sampler import TaskData
+from ..data.splits import (DEFAULT_FOLDS, Fold, groups_on_both_sides, make_folds, read_groups,
+                           read_splits)
 from ..errors import Med3DError
 from ..tasks import kind_for_head
 from .distributed import DistInfo
@@ -37,6 +41,9 @@ class DataSetup:
     plans: Dict[str, Dict[str, Any]]
     channels: Dict[str, Optional[List[int]]]  # channel selection per task (None: all)
     adapters: Dict[str, int]  # tasks that need an input adapter -> their channel count
+    # The case ids each task trains and validates on, and how they were chosen (written as split.json).
+    splits: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    folds: Optional[List[Fold]] = None  # every cross-validation fold (written as splits_final.json)
 
 
 def check_tasks(cfg: Config) -> None:
@@ -133,7 +140,139 @@ def _limit(train: List[Any], cfg: Config, task: str) -> List[Any]:
     k = int(limit) if isinstance(limit, int) else int(round(limit * len(train)))
     if k < 1:
         raise Med3DError(f"data.train_cases {limit} leaves no training case for task {task}")
+    if k > len(train):  # e.g. a study size above a small fold's training set: same run as "all cases"
+        log.warning("task %s: data.train_cases %s is more than its %d training cases; training on all of them",
+                    task, limit, len(train))
     return train[:k]
+
+
+def uses_folds(cfg: Config) -> bool:
+    """Whether the run trains one cross-validation fold (``data.folds``, ``data.fold`` or ``data.splits_file``)."""
+    d = cfg.data
+    return d.folds is not None or d.fold is not None or d.splits_file is not None
+
+
+def check_split_keys(cfg: Config) -> None:
+    """The split keys fit together, and the run will have validation cases unless ``validation.allow_none``.
+
+    Raises:
+        Med3DError: naming the key at fault.
+    """
+    d = cfg.data
+    named = d.val_cases is not None
+    if (uses_folds(cfg) or named) and len(d.datasets) != 1:
+        key = "data.val_cases" if named else "data.folds / data.fold / data.splits_file"
+        raise Med3DError(f"{key}: cross-validation and named validation cases split one dataset, but "
+                         f"data.datasets has {len(d.datasets)}; train one task, or use data.val_fraction")
+    if uses_folds(cfg) and named:
+        raise Med3DError("data.val_cases and cross-validation (data.folds / data.fold / data.splits_file) both "
+                         "choose the validation cases; keep one")
+    if d.folds is not None and d.splits_file is not None:
+        raise Med3DError("data.folds and data.splits_file both define the folds; keep one (the file's folds count)")
+    if d.folds is not None and d.folds < 2:
+        raise Med3DError(f"data.folds {d.folds}: cross-validation needs at least 2 folds")
+    if uses_folds(cfg) and d.fold is None:
+        raise Med3DError("data.folds / data.splits_file is set but data.fold is not; pick the fold to train "
+                         "(data.fold, or med3d finetune --fold N / --folds all)")
+    k = None if d.splits_file else d.folds or DEFAULT_FOLDS  # a splits file's count is known when it is read
+    if d.fold is not None and (d.fold < 0 or (k is not None and d.fold >= k)):
+        raise Med3DError(f"data.fold {d.fold}: folds are numbered 0..{(k or DEFAULT_FOLDS) - 1}")
+    if named and not d.val_cases and not cfg.validation.allow_none:
+        raise Med3DError("data.val_cases is empty: the run would have no validation case; name some, or set "
+                         "validation.allow_none: true to train without validation")
+    # A classification dataset may bring its own validation split (MedMNIST); check_validation sees to it.
+    own_split = any(is_classification(cfg, t) for t in d.datasets if t in cfg.model.heads)
+    if not (uses_folds(cfg) or named or own_split) and d.val_fraction <= 0 and not cfg.validation.allow_none:
+        raise Med3DError(f"data.val_fraction is {d.val_fraction}: the run would have no validation case; hold "
+                         "some out (data.val_fraction, data.val_cases or data.folds), or set "
+                         "validation.allow_none: true to train without validation")
+
+
+def _fold_split(cases: List[Any], cfg: Config, task: str, stratify: bool):
+    """Training and validation cases of fold ``data.fold``, and every fold.
+
+    Raises:
+        Med3DError: the fold does not exist in the splits file.
+    """
+    d, path = cfg.data, cfg.data.datasets[task].path
+    ids = [c.case_id for c in cases]
+    groups = read_groups(path)
+    if d.splits_file:
+        folds = read_splits(d.splits_file, ids)
+        how = f"fold {d.fold} of {len(folds)} from {d.splits_file}"
+    else:
+        labels = {c.case_id: c.label for c in cases} if stratify else None
+        folds = make_folds(ids, d.folds or DEFAULT_FOLDS, cfg.run.seed, groups, labels)
+        how = (f"fold {d.fold} of {len(folds)} (seed {cfg.run.seed}" + (", stratified by class" if stratify else "")
+               + (f", grouped by the {len(set(groups.values()))} declared patients/groups" if groups else "") + ")")
+    if d.fold >= len(folds):  # only a splits file can have fewer folds than asked (check_split_keys)
+        raise Med3DError(f"data.fold {d.fold}: {d.splits_file} has {len(folds)} folds (0..{len(folds) - 1})")
+    fold = folds[d.fold]
+    shared = groups_on_both_sides(fold, groups)
+    if shared:
+        log.warning("task %s: patient/group %s has cases in both training and validation of %s", task, shared[0], how)
+    by_id = {c.case_id: c for c in cases}
+    return [by_id[i] for i in fold["train"]], [by_id[i] for i in fold["val"]], how, folds
+
+
+def _named_split(cases: List[Any], cfg: Config, task: str):
+    """``data.val_cases`` validate, every other case trains.
+
+    Raises:
+        Med3DError: a named case is not a training case of the dataset.
+    """
+    names = list(dict.fromkeys(cfg.data.val_cases or []))
+    ids = {c.case_id for c in cases}
+    unknown = [n for n in names if n not in ids]
+    if unknown:
+        raise Med3DError(f"data.val_cases: '{unknown[0]}' is not a training case of task {task} "
+                         f"({cfg.data.datasets[task].path}); name cases by their id (e.g. {sorted(ids)[0]})")
+    chosen = set(names)
+    val = [c for c in cases if c.case_id in chosen]
+    return [c for c in cases if c.case_id not in chosen], val, f"data.val_cases ({len(val)} named cases)"
+
+
+def choose_split(cases: List[Any], cfg: Config, task: str, classify: bool, own_val: Optional[List[Any]] = None):
+    """A task's training and validation cases, and how they were chosen.
+
+    The validation cases come from, in order: the cross-validation fold, ``data.val_cases``, the dataset's
+    own validation split (``own_val``), or a seeded ``data.val_fraction`` hold-out. The training cases
+    are then put in a seeded order (classes interleaved for classification) and cut to ``data.train_cases``,
+    so a smaller training set is part of a larger one.
+
+    Returns:
+        ``(train, val, how, folds)``; ``folds`` is None unless cross-validating.
+    """
+    reorder = _class_split if classify else _split
+    no_hold_out = replace(cfg, data=replace(cfg.data, val_fraction=0.0))
+    folds = None
+    if uses_folds(cfg):
+        train, val, how, folds = _fold_split(cases, cfg, task, stratify=classify)
+    elif cfg.data.val_cases is not None:
+        train, val, how = _named_split(cases, cfg, task)
+    elif own_val:
+        train, val, how = cases, own_val, "the dataset's own validation cases"
+    else:
+        train, val = reorder(cases, cfg, task)
+        return train, val, f"data.val_fraction {cfg.data.val_fraction} (seed {cfg.run.seed})", None
+    return reorder(train, no_hold_out, task)[0], val, how, folds
+
+
+def split_record(train: List[Any], val: List[Any], how: str) -> Dict[str, Any]:
+    """What ``split.json`` says about one task."""
+    return {"how": how, "train": [c.case_id for c in train], "val": [c.case_id for c in val]}
+
+
+def check_validation(cfg: Config, val: Dict[str, List[Any]]) -> None:
+    """Refuse a run in which a task has no validation case, unless ``validation.allow_none``.
+
+    Raises:
+        Med3DError: naming the task and the keys that give it validation cases.
+    """
+    empty = [t for t, cases in val.items() if not cases]
+    if empty and not cfg.validation.allow_none:
+        raise Med3DError(f"task {empty[0]} has no validation case; hold some out (data.val_fraction, data.val_cases "
+                         "or data.folds), or set validation.allow_none: true to train without validation")
 
 
 def _prepare_classes(entry: Any, cache_dir: str, prepare: bool, check: bool, progress: bool) -> Path:
@@ -174,7 +313,8 @@ def ensure_prepared(cfg: Config, prepare: bool, progress: bool = True) -> Dict[s
         if is_classification(cfg, task):
             folders[task] = _prepare_classes(entry, cfg.data.cache_dir, prepare, cfg.data.check, progress)
             continue
-        overrides = dict(descriptor=entry.descriptor, spacing=entry.spacing, normalization=entry.normalization)
+        overrides = dict(descriptor=entry.descriptor, spacing=entry.spacing, normalization=entry.normalization,
+                         label_map=entry.label_map, ct_window=entry.ct_window)
         if not prepare:
             folders[task] = check_prepared(entry.path, cfg.data.cache_dir, **overrides)
             continue
@@ -187,8 +327,7 @@ def ensure_prepared(cfg: Config, prepare: bool, progress: bool = True) -> Dict[s
     return folders
 
 
-def _class_task(cfg: Config, task: str, folder: Path, val: Dict[str, Any], plans: Dict[str, Any],
-                channels: Dict[str, Any], adapters: Dict[str, int]) -> TaskData:
+def _class_task(cfg: Config, task: str, folder: Path, setup: DataSetup) -> TaskData:
     """One classification task: its cached regions, split (the dataset's own validation cases if it has them)."""
     entry = cfg.data.datasets[task]
     ds = read_classification_dataset(entry.path)
@@ -206,20 +345,21 @@ def _class_task(cfg: Config, task: str, folder: Path, val: Dict[str, Any], plans
                          "'med3d check-data'")
     if n_cls < 2:
         raise Med3DError(f"task {task}: {entry.path} declares {n_cls} class; a classifier needs at least two")
-    if ds.val_cases:  # the dataset's own split; the training subset is still a seeded, stratified draw
-        train = _class_split(cases, replace(cfg, data=replace(cfg.data, val_fraction=0.0)), task)[0]
-        held = load_class_cache(folder, [c.case_id for c in ds.val_cases])[1]
-    else:
-        train, held = _class_split(cases, cfg, task)
+    own = load_class_cache(folder, [c.case_id for c in ds.val_cases])[1] if ds.val_cases else None
+    train, held, how, folds = choose_split(cases, cfg, task, classify=True, own_val=own)
+    setup.splits[task] = split_record(train, held, how)
+    setup.folds = folds
     missing = sorted(set(range(n_cls)) - {c.label for c in held})
     if held and missing:
-        log.warning("task %s: no held-out case of class(es) %s, so its AUC is undefined; raise data.val_fraction",
+        log.warning("task %s: no held-out case of class(es) %s, so its AUC is undefined; raise data.val_fraction "
+                    "(or, cross-validating, use fewer data.folds)",
                     task, ", ".join(plan["classes"][str(m)] for m in missing))
+    channels = setup.channels
     channels[task] = _channels(cfg, task, len(plan["channel_names"]))
     if channels[task] is None and len(plan["channel_names"]) != cfg.model.encoder.in_channels:
-        adapters[task] = len(plan["channel_names"])
-    plans[task] = {**plan, "channels": channels[task]}
-    val[task] = held
+        setup.adapters[task] = len(plan["channel_names"])
+    setup.plans[task] = {**plan, "channels": channels[task]}
+    setup.val[task] = held
     return TaskData(task, train, plan, channels[task], entry.loss_weight, kind="classification",
                     class_balance=cfg.data.class_balance)
 
@@ -240,10 +380,11 @@ def setup_data(cfg: Config, info: DistInfo, progress: bool = True) -> DataSetup:
     """
     check_tasks(cfg)
     folders = ensure_prepared(cfg, prepare=info.world == 1, progress=progress and info.is_main)
-    tasks, val, plans, channels, adapters = [], {}, {}, {}, {}
+    setup = DataSetup([], {}, {}, {}, {})
+    tasks, val, plans, channels, adapters = setup.tasks, setup.val, setup.plans, setup.channels, setup.adapters
     for task, entry in cfg.data.datasets.items():
         if is_classification(cfg, task):
-            tasks.append(_class_task(cfg, task, folders[task], val, plans, channels, adapters))
+            tasks.append(_class_task(cfg, task, folders[task], setup))
             continue
         declared = [c.case_id for c in read_dataset(entry.path).cases]
         plan, cases = load_cache(folders[task], declared)
@@ -255,8 +396,10 @@ def setup_data(cfg: Config, info: DistInfo, progress: bool = True) -> DataSetup:
         channels[task] = _channels(cfg, task, n_ch)
         if channels[task] is None and n_ch != cfg.model.encoder.in_channels:
             adapters[task] = n_ch
-        train, held = _split(cases, cfg, task)
+        train, held, how, setup.folds = choose_split(cases, cfg, task, classify=False)
+        setup.splits[task] = split_record(train, held, how)
         plans[task] = {**plan, "channels": channels[task]}
         tasks.append(TaskData(task, train, plan, channels[task], entry.loss_weight))
         val[task] = held
-    return DataSetup(tasks, val, plans, channels, adapters)
+    check_validation(cfg, val)
+    return setup

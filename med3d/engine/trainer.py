@@ -23,6 +23,7 @@ import torch.nn as nn
 from ..api import check_patch_size, create_model
 from ..config import Config, save_resolved
 from ..data.sampler import MixSchedule, PatchBatches, make_loader
+from ..data.splits import write_splits
 from ..errors import Med3DError
 from ..atomic import write_json_atomic, write_text_atomic
 from ..models.multitask import MultiTaskModel
@@ -34,7 +35,7 @@ from .distributed import cleanup, init_distributed, mean_across
 from .logger import RunLogger, plot_curves
 from .optim import build_optimizer, build_scheduler, check_stages, set_frozen
 from .resume import resume_config
-from .task_data import DataSetup, check_tasks, setup_data
+from .task_data import DataSetup, check_split_keys, check_tasks, setup_data
 from .validation import run_validation
 
 log = logging.getLogger("med3d.train")
@@ -60,6 +61,7 @@ def preflight(cfg: Config, job: str) -> None:
         Med3DError: naming the first key at fault.
     """
     check_tasks(cfg)
+    check_split_keys(cfg)
     for task, head in cfg.model.heads.items():
         kind_for_head(head.type, f"model.heads.{task}.type")
     t = cfg.train
@@ -283,6 +285,11 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         save_resolved(self.cfg, self.out)
         write_json_atomic(self.out / "plans.json", self.data.plans)
+        write_json_atomic(self.out / "split.json", self.data.splits)  # the case ids each side really got
+        if self.data.folds is not None:
+            write_splits(self.out / "splits_final.json", self.data.folds)
+        if not self.validating:
+            self.say("no validation: no held-out case (validation.allow_none), so no score and no best.pt")
         if report:
             write_text_atomic(self.out / "load_report.txt", report + "\n")  # load_pretrained has logged it
 
@@ -394,7 +401,7 @@ class Trainer:
         final = done == t.iterations
         if done % t.log_every == 0 or final:
             self.log_train()
-        if not final and self.cfg.validation.every and done % self.cfg.validation.every == 0:
+        if not final and self.validating and self.cfg.validation.every and done % self.cfg.validation.every == 0:
             self.validate()
         if not final and done % t.checkpoint_every == 0:
             self.save()
@@ -410,12 +417,28 @@ class Trainer:
                          "samples_per_s": rate, "task": self.state.task})
         self.state.losses = []
 
+    @property
+    def validating(self) -> bool:
+        """Whether any task has held-out cases to score."""
+        return any(self.data.val.values())
+
+    def say(self, line: str) -> None:
+        """One line on the terminal (rank 0), above the progress bar when there is one."""
+        if not self.info.is_main:
+            return
+        bar = getattr(self, "bar", None)
+        if bar is not None and not bar.disable:
+            bar.write(line)
+        else:
+            log.info(line)
+
     def validate(self) -> Dict[str, Any]:
         """Score the held-out cases; the best score so far also saves ``best.pt``."""
         step = self.state.step
         res = run_validation(self.model, self.data.val, self.data.plans, self.kinds, self.cfg.data.patch_size,
                              self.cfg.validation, self.info, self.amp)
         self.logger.log({"kind": "val", "iteration": step, **res})
+        self.say(f"iteration {step}: validation " + validation_line(res))
         self.state.history.append({"iteration": step, "score": res["score"], "mean_dice": res["mean_dice"],
                                    **{t: e["score"] for t, e in res["tasks"].items()}})
         best = self.state.best
@@ -443,9 +466,9 @@ class Trainer:
         """Final validation and checkpoint, ``summary.json`` and ``curves.png``; returns the summary."""
         self.bar.close()
         elapsed = time.perf_counter() - self.clock
-        final = self.validate()
+        final = self.validate() if self.validating else None
         self.save()
-        summary = {"job": self.job, "iterations": self.cfg.train.iterations,
+        summary = {"job": self.job, "iterations": self.cfg.train.iterations, "validated": final is not None,
                    "resumed_from": self.state.start or None, "seconds": elapsed,
                    "samples_per_s": self.state.seen / max(elapsed, 1e-9), "best": self.state.best, "final": final,
                    "history": self.state.history, "device": str(self.info.device), "world_size": self.info.world}
@@ -482,12 +505,25 @@ def train(cfg: Config, job: str = "pretrain", resume: Optional[str] = None, prog
     return Trainer(cfg, job, resume, progress, tensorboard).run()
 
 
+def validation_line(res: Dict[str, Any]) -> str:
+    """One validation result in a line: the score, then each task's Dice or AUC."""
+    parts = []
+    for task, entry in res["tasks"].items():
+        metric = (f"Dice {entry['mean_dice']:.3f}" if "mean_dice" in entry
+                  else f"AUC {entry['auc']:.3f}, balanced accuracy {entry['balanced_accuracy']:.3f}")
+        parts.append(f"{task} {metric}")
+    return f"score {res['score']:.3f} (" + "; ".join(parts) + ")"
+
+
 def describe(summary: Dict[str, Any]) -> str:
     """The end-of-run lines printed by the CLI."""
     best = summary["best"]
     final = summary["final"]
-    lines = [f"{summary['job']}: {summary['iterations']} iterations in {summary['seconds']:.1f} s "
-             f"({summary['samples_per_s']:.1f} samples/s on {summary['device']} x{summary['world_size']})",
+    head = (f"{summary['job']}: {summary['iterations']} iterations in {summary['seconds']:.1f} s "
+            f"({summary['samples_per_s']:.1f} samples/s on {summary['device']} x{summary['world_size']})")
+    if final is None:
+        return head + "\nno validation: the run had no held-out case (validation.allow_none), so no score"
+    lines = [head,
              f"final score {final['score']:.3f}" + (f", mean Dice {final['mean_dice']:.3f}"
                                                     if np.isfinite(final["mean_dice"]) else "")
              + (f"; best {best['metric']:.3f} at iteration {best['iteration']}" if best["metric"] is not None else "")]

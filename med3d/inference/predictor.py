@@ -47,7 +47,8 @@ class Predictor:
         """Rebuild the model of a med3d training checkpoint.
 
         Args:
-            path: a checkpoint written by ``med3d pretrain`` / ``finetune``.
+            path: a checkpoint written by ``med3d pretrain`` / ``finetune``, or an ``.onnx`` export of one
+                (``med3d export --format onnx``; run by onnxruntime, see ``onnx_runtime``).
             device: ``cpu`` or ``cuda``; None picks CUDA when available.
 
         Returns:
@@ -58,6 +59,10 @@ class Predictor:
         """
         from ..checkpoint import load_checkpoint
 
+        if str(path).lower().endswith(".onnx"):  # an ONNX export: onnxruntime replaces only the network call
+            from .onnx_runtime import onnx_predictor
+
+            return onnx_predictor(path, device)
         model, _, meta = load_checkpoint(path)
         if not meta.get("plans"):
             raise Med3DError(f"{path}: checkpoint has no preprocessing plan (was it written by med3d pretrain / "

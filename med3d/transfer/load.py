@@ -89,6 +89,38 @@ def _prepare(weights: Weights, encoder: ResNet3D, report: LoadReport) -> StateDi
     return sd
 
 
+# Formats that do not record their layout use one: MedicalNet trains dilated, MONAI and torchvision strided.
+_SOURCE_LAYOUT = {"medicalnet": "dilated", "monai": "strided", "torchvision": "strided"}
+_LAYOUT_WORDS = {"dilated": "output stride 8, layer3/4 dilated 2/4", "strided": "output stride 32, no dilation"}
+
+
+def file_layout(weights: Weights) -> Optional[str]:
+    """The layout (``dilated`` | ``strided``) the file's encoder was trained in, when the file or its format says.
+
+    Args:
+        weights: weights as read.
+
+    Returns:
+        The layout, or None when nothing tells (a plain state dict).
+    """
+    enc = weights.metadata.get("encoder") if isinstance(weights.metadata.get("encoder"), dict) else None
+    if enc is None and weights.config:
+        enc = (weights.config.get("model") or {}).get("encoder")
+    if isinstance(enc, dict) and enc.get("layout"):
+        return str(enc["layout"])
+    return _SOURCE_LAYOUT.get(weights.source)
+
+
+def _layout_note(weights: Weights, encoder: ResNet3D, report: LoadReport) -> None:
+    """Say so when the file's encoder ran in the other layout: the tensors fit, the receptive field does not."""
+    src, dst = file_layout(weights), encoder.config.get("layout")
+    if src and dst and src != dst:
+        report.notes.append(f"layout: the weights were trained in the {src} layout ({_LAYOUT_WORDS.get(src, src)}) "
+                            f"and load into a {dst} encoder ({_LAYOUT_WORDS.get(dst, dst)}): the same tensors with a "
+                            "different receptive field, so layer3/4 see other context than in training; fine-tune "
+                            f"rather than expect the source's features (or set model.encoder.layout: {src})")
+
+
 def _first_conv(weight: torch.Tensor, in_channels: int, channel_map: Optional[Sequence[ChannelSpec]],
                 report: LoadReport) -> torch.Tensor:
     if channel_map is not None:
@@ -159,6 +191,7 @@ def load_pretrained(module: nn.Module, path: Union[str, Path, Weights], source: 
         report.notes.append("conv_seg (MedicalNet's head) not loaded: name the task whose head should take it")
     if any(k.startswith("fc.") for k in weights.state_dict):
         report.notes.append("the source classifier (fc) was dropped")
+    _layout_note(weights, encoder, report)
     if isinstance(module, MultiTaskModel):
         report.new_heads = [t for t in module.tasks if not any(k.startswith(f"heads.{t}.") for k in new)]
 

@@ -1,0 +1,156 @@
+"""``med3d predict model.onnx``: onnxruntime runs the network, everything else is the checkpoint's path.
+
+An ONNX export written by ``med3d export --format onnx`` carries its task's plan in
+``metadata_props``. ``onnx_predictor`` turns it into an ordinary ``Predictor`` whose ``model`` is an
+``OnnxNetwork``: preprocessing, the Gaussian sliding window, mirroring and the restore to the input
+grid are the same code as for a checkpoint; only the network call changes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from ..errors import Med3DError
+from ..export import ONNX_TEXT_KEYS
+from ..models.multitask import crop_to, pad_to_multiple
+from .predictor import Predictor
+
+PathLike = Union[str, Path]
+FORMAT = "med3d-onnx"
+# Keys predict reads besides the plan (``export.onnx_metadata`` writes them all).
+REQUIRED_KEYS = ("task", "in_channels", "size_divisibility_zyx", "window_zyx")
+
+
+def providers(device: Optional[str]) -> List[str]:
+    """onnxruntime execution providers for ``device``: CUDA first where onnxruntime has it, unless ``cpu``."""
+    import onnxruntime as ort
+
+    wanted = ["CPUExecutionProvider"]
+    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        wanted.insert(0, "CUDAExecutionProvider")
+    elif device is not None and device.startswith("cuda"):
+        raise Med3DError(f"--device {device}: this onnxruntime has no CUDA provider (it has "
+                         f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use --device cpu")
+    return wanted
+
+
+def _session_options(ort: Any) -> Any:
+    """CPU threads as PyTorch's (``torch.set_num_threads`` governs both), and no spinning between calls.
+
+    The window loop alternates the session with PyTorch's blending and softmax; spinning ORT
+    threads would hold the cores those steps need.
+    """
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+class OnnxNetwork:
+    """The network of an ONNX export, called like ``MultiTaskModel``: ``net(x, task)`` -> logits (torch).
+
+    Sizes that are not multiples of the graph's size divisibility are zero-padded at the far ends
+    and the logits cropped back, exactly as ``MultiTaskModel.forward`` does inside PyTorch.
+    """
+
+    def __init__(self, session: Any, task: str, divisibility: Sequence[int], in_channels: int, where: str) -> None:
+        self.session, self.task, self.where = session, task, where
+        self.divisibility, self.in_channels = tuple(divisibility), in_channels
+
+    def __call__(self, x: torch.Tensor, task: Optional[str] = None) -> torch.Tensor:
+        """Logits ``(N, K, Z, Y, X)`` for the batch ``x`` ``(N, C, Z, Y, X)``, on ``x``'s device.
+
+        Raises:
+            Med3DError: another task, or a channel count the graph does not take.
+        """
+        if task is not None and task != self.task:
+            raise Med3DError(f"{self.where}: the ONNX export holds task {self.task}, not {task}")
+        if x.shape[1] != self.in_channels:
+            raise Med3DError(f"{self.where}: the network takes {self.in_channels} channel(s), got {x.shape[1]}")
+        size = x.shape[2:]
+        padded = pad_to_multiple(x.detach().float(), self.divisibility).cpu().contiguous()
+        logits = self.session.run(["logits"], {"image": padded.numpy()})[0]
+        return crop_to(torch.from_numpy(logits), size).to(x.device)
+
+    def eval(self) -> "OnnxNetwork":
+        return self  # always in inference mode; here so code that calls model.eval() keeps working
+
+
+def read_metadata(session: Any, where: str) -> Dict[str, Any]:
+    """The med3d keys of an ONNX export's ``metadata_props``, JSON-decoded.
+
+    Raises:
+        Med3DError: the file has no med3d metadata, or a value is not JSON.
+    """
+    raw = dict(session.get_modelmeta().custom_metadata_map)
+    if raw.get("format") != FORMAT:
+        raise Med3DError(f"{where}: an ONNX model without med3d metadata (metadata_props format is "
+                         f"{raw.get('format')!r}, not {FORMAT!r}); export it with `med3d export CHECKPOINT "
+                         "--format onnx`, which stores the plan predict needs")
+    out: Dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            out[key] = value if key in ONNX_TEXT_KEYS else json.loads(value)
+        except json.JSONDecodeError:
+            raise Med3DError(f"{where}: metadata_props {key!r} is not valid JSON; re-export the model")
+    for key in REQUIRED_KEYS:
+        if key not in out:
+            raise Med3DError(f"{where}: metadata_props lacks {key!r}; re-export the model with `med3d export "
+                             "CHECKPOINT --format onnx`")
+    return out
+
+
+def _check_plan(md: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """The export's plan, refused where predict cannot use it (none, classification, channels that do not fit)."""
+    if "plan" not in md:
+        raise Med3DError(f"{where}: the ONNX export carries no preprocessing plan (its checkpoint had none); "
+                         "export from a checkpoint written by med3d pretrain / finetune")
+    plan, task = md["plan"], md["task"]
+    if plan.get("kind") == "classification":
+        raise Med3DError(f"{where}: task {task} classifies whole scans; ONNX predict runs segmentation only, "
+                         "predict with the checkpoint instead")
+    chosen = plan.get("channels")
+    n = (1 if isinstance(chosen, int) else len(chosen)) if chosen is not None else len(plan["channel_names"])
+    if n != md["in_channels"]:
+        raise Med3DError(f"{where}: the plan feeds {n} channel(s) ({', '.join(plan['channel_names'])}) but the "
+                         f"network takes {md['in_channels']}; the metadata does not belong to this network")
+    return plan
+
+
+def onnx_predictor(path: PathLike, device: Optional[str] = None) -> Predictor:
+    """A ``Predictor`` whose network call is an onnxruntime session over an ONNX export.
+
+    Args:
+        path: an .onnx file written by ``med3d export --format onnx``.
+        device: ``cpu``, or ``cuda`` / None for the CUDA provider where onnxruntime has it.
+
+    Returns:
+        The predictor (its tensors stay on the CPU; a CUDA provider copies windows itself).
+
+    Raises:
+        Med3DError: onnxruntime missing, the file unreadable, without med3d metadata or plan, a
+            classification task, or a plan that does not fit the network.
+    """
+    where = str(path)
+    if not Path(path).is_file():
+        raise Med3DError(f"{where}: no such file")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise Med3DError("predicting with an ONNX model needs onnxruntime: pip install 'med3d[onnx]'")
+    try:
+        session = ort.InferenceSession(where, _session_options(ort), providers=providers(device))
+    except Med3DError:
+        raise
+    except Exception as err:  # onnxruntime's message is long; its first line says what is wrong
+        raise Med3DError(f"{where}: onnxruntime cannot load it ({str(err).strip().splitlines()[0]})")
+    md = read_metadata(session, where)
+    plan = _check_plan(md, where)
+    task = md["task"]
+    net = OnnxNetwork(session, task, md["size_divisibility_zyx"], md["in_channels"], where)
+    meta = {"plans": {task: plan}, "patch_size": md["window_zyx"], "in_channels": md["in_channels"],
+            "job": (md.get("model_card") or {}).get("training", {}).get("job"), "onnx": where}
+    return Predictor(net, meta, torch.device("cpu"))  # type: ignore[arg-type]

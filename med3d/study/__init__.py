@@ -1,0 +1,1 @@
+"""Experiments built from many training runs: cross-validation folds and study grids."""

@@ -1,0 +1,217 @@
+"""ONNX deployment: the export carries the plan, ``predict model.onnx`` reproduces the checkpoint, bad files are one line.
+
+Tolerance stated here and in the README: on a real CT the ONNX path's labels agree with the
+checkpoint's on at least 99.99 % of voxels and its probabilities differ by at most 1e-4.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from med3d.cli import main
+from med3d.config import from_dict
+from med3d.data.image import read_image
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed: pip install 'med3d[onnx]'")
+onnx = pytest.importorskip("onnx", reason="onnx not installed: pip install 'med3d[onnx]'")
+
+LABEL_AGREEMENT = 0.9999  # share of voxels with the same label
+PROB_TOLERANCE = 1e-4  # max |p_onnx - p_torch| on the input grid
+
+
+def _needs_exporter() -> None:
+    pytest.importorskip("onnxscript", reason="onnxscript (the dynamo ONNX exporter's builder) not installed: "
+                                             "pip install 'med3d[onnx]'")
+
+
+@pytest.fixture(scope="module")
+def liver(demo_root, tmp_path_factory, cfg_dict):
+    """A barely trained CT checkpoint (with validation, so its card has metrics) and its ONNX export."""
+    from med3d.engine.trainer import train
+
+    _needs_exporter()
+    tmp = tmp_path_factory.mktemp("onnx_liver")
+    cfg = cfg_dict(demo_root, tmp, tasks=("Task03_LiverDemo",), train={"iterations": 2, "checkpoint_every": 2},
+                   validation={"every": 2, "hd95": False})
+    cfg["data"]["datasets"]["Task03_LiverDemo"]["spacing"] = [5.0, 3.0, 3.0]  # coarse grid: quick whole scans
+    cfg["data"]["patch_size"] = [24, 48, 48]
+    train(from_dict(cfg), "pretrain", progress=False, tensorboard=False)
+    ckpt = tmp / "run" / "checkpoints" / "last.pt"
+    onnx_path = tmp / "liver.onnx"
+    assert main(["export", str(ckpt), "--format", "onnx", "--out", str(onnx_path), "--input-size", "24", "48", "48",
+                 "--licence", "CC-BY-4.0"]) == 0
+    return ckpt, onnx_path
+
+
+def _props(path: Path) -> dict:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+@pytest.mark.slow
+def test_onnx_export_carries_the_plan_card_and_dynamic_sizes(liver):
+    from med3d.checkpoint import load_checkpoint
+
+    ckpt, path = liver
+    model, _, meta = load_checkpoint(ckpt)
+    plan = meta["plans"]["Task03_LiverDemo"]
+    onnx.checker.check_model(str(path))
+    md = _props(path)
+    assert md["format"] == "med3d-onnx" and md["task"] == "Task03_LiverDemo"
+    assert json.loads(md["plan"]) == json.loads(json.dumps(plan))
+    assert json.loads(md["input_channels"]) == plan["channel_names"]
+    assert json.loads(md["spacing_zyx"]) == [5.0, 3.0, 3.0] and json.loads(md["window_zyx"]) == [24, 48, 48]
+    assert json.loads(md["class_names"]) == plan["labels"] and json.loads(md["overlap"]) == 0.5
+    div = list(model.task_divisibility("Task03_LiverDemo"))
+    assert json.loads(md["size_divisibility_zyx"]) == div
+    card = json.loads(md["model_card"])
+    assert card["licence"] == "CC-BY-4.0" and card["training"]["datasets"] == ["Task03_LiverDemo"]
+    assert "score" in card["metrics"]["final"] and card["input_contract"]["spacing_zyx"] == [5.0, 3.0, 3.0]
+    # Spatial axes are symbols "d*name_blocks": multiples of the divisibility, not the traced size.
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [dims[i].dim_param for i in (2, 3, 4)] == [f"{d}*{n}_blocks" for d, n in zip(div, ("depth", "height", "width"))]
+
+
+@pytest.mark.slow
+def test_onnx_predict_reproduces_the_checkpoint_on_a_real_ct(liver, real_data, tmp_path):
+    ckpt, path = liver
+    ct = real_data / "totalseg_ct" / "ct.nii.gz"
+    for name, model in (("torch", ckpt), ("onnx", path)):
+        assert main(["predict", str(model), str(ct), "--out", str(tmp_path / name), "--probabilities", "--quiet",
+                     "--device", "cpu"]) == 0, name
+    ref, got = read_image(tmp_path / "torch" / "ct.nii.gz"), read_image(tmp_path / "onnx" / "ct.nii.gz")
+    assert got.geometry == ref.geometry and got.array.shape == ref.array.shape
+    assert len(np.unique(ref.array)) > 1  # a constant map would agree trivially
+    agreement = (got.array == ref.array).mean()
+    p_ref = read_image(tmp_path / "torch" / "ct_probs.nii.gz").array
+    p_got = read_image(tmp_path / "onnx" / "ct_probs.nii.gz").array
+    print(f"labels agree on {agreement:.6%} of voxels, max |p_onnx - p_torch| {np.abs(p_got - p_ref).max():.2e}")
+    assert agreement >= LABEL_AGREEMENT
+    assert np.abs(p_got - p_ref).max() <= PROB_TOLERANCE
+    drift = json.loads((tmp_path / "onnx" / "ct_drift.json").read_text())
+    assert drift["scan"] == str(ct)  # the same post-processing ran: the drift check read the plan
+
+
+@pytest.mark.slow
+def test_onnx_runs_at_other_sizes_than_exported(liver):
+    from med3d.checkpoint import load_checkpoint
+    from med3d.inference.onnx_runtime import onnx_predictor
+
+    ckpt, path = liver
+    model, _, _ = load_checkpoint(ckpt)
+    model.eval()
+    task = "Task03_LiverDemo"
+    div = model.task_divisibility(task)
+    net = onnx_predictor(path, "cpu").model
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    multiple = torch.randn(2, 1, *(3 * d for d in div))  # not the export size (24, 48, 48)
+    odd = torch.randn(1, 1, *(2 * d + 3 for d in div))
+    with torch.no_grad():
+        for x in (multiple, odd):
+            torch.testing.assert_close(net(x, task), model(x, task), atol=1e-4, rtol=1e-4)
+        # The bare graph takes any multiple of the divisibility; other sizes are the caller's to pad, as
+        # OnnxNetwork does above (and as the PyTorch model does inside).
+        raw = session.run(None, {"image": multiple.numpy()})[0]
+        assert np.abs(raw - model(multiple, task).numpy()).max() < 1e-4
+    with pytest.raises(Exception, match=f"_must_be_a_multiple_of_{div[0]}"):  # refused, the divisibility named
+        session.run(None, {"image": odd.numpy()})
+
+
+@pytest.mark.slow
+def test_encoder_export_carries_a_model_card(liver, tmp_path):
+    from safetensors import safe_open
+
+    ckpt, _ = liver
+    out = tmp_path / "enc.safetensors"
+    assert main(["export", str(ckpt), "--out", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        card = json.loads(f.metadata()["model_card"])
+    assert card["licence"].startswith("unspecified") and card["training"]["job"] == "pretrain"
+    assert card["training"]["plans"]["Task03_LiverDemo"]["target_spacing"] == [5.0, 3.0, 3.0]
+    assert card["input_contract"]["input_channels"] and "best" in card["metrics"]
+
+
+@pytest.mark.slow
+def test_onnx_bench_runs_tiny():
+    from med3d.bench import onnx_bench
+
+    _needs_exporter()
+    times = onnx_bench(shape_zyx=(20, 40, 40), patch=(16, 32, 32), repeats=1)
+    assert times["torch"] > 0 and times["onnxruntime"] > 0 and times["ratio"] > 0
+
+
+# ------------------------------------------------------------------ bad files (no exporter needed)
+
+def _fake_export(path: Path, **props) -> Path:
+    """An identity graph image -> logits with the given metadata_props: enough to exercise loading."""
+    from onnx import TensorProto, helper
+
+    tensor = [None, None, None, None, None]
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, tensor)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, tensor)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
+    onnx.save_model(model, str(path))
+    return path
+
+
+def _med3d_props(plan: dict, in_channels: int = 1) -> dict:
+    return {"format": "med3d-onnx", "task": "t", "plan": plan, "in_channels": in_channels,
+            "size_divisibility_zyx": [1, 1, 1], "window_zyx": [16, 16, 16]}
+
+
+PLAN = {"channel_names": ["CT"], "labels": {"0": "background", "1": "organ"}, "channels": None,
+        "target_spacing": [5.0, 5.0, 5.0], "crop_nonzero": False,
+        "normalization": [{"scheme": "ct", "clip": [-100.0, 200.0], "mean": 40.0, "std": 30.0}]}
+
+
+def _predict(capsys, model: Path, scan: Path, out: Path):
+    code = main(["predict", str(model), str(scan), "--out", str(out), "--quiet", "--device", "cpu"])
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out
+
+
+def test_onnx_without_med3d_metadata_is_one_line(tmp_path, capsys, real_data):
+    code, text = _predict(capsys, _fake_export(tmp_path / "plain.onnx"), real_data / "totalseg_ct" / "ct.nii.gz",
+                          tmp_path / "out")
+    assert code == 2 and "without med3d metadata" in text and "plain.onnx" in text and text.count("\n") == 1
+
+
+def test_onnx_not_an_onnx_file_is_one_line(tmp_path, capsys, real_data):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not a protobuf")
+    code, text = _predict(capsys, bad, real_data / "totalseg_ct" / "ct.nii.gz", tmp_path / "out")
+    assert code == 2 and "onnxruntime cannot load it" in text and text.count("\n") == 1
+
+
+def test_onnx_metadata_missing_a_key_is_one_line(tmp_path, capsys, real_data):
+    props = _med3d_props(PLAN)
+    del props["window_zyx"]
+    code, text = _predict(capsys, _fake_export(tmp_path / "nowin.onnx", **props), real_data / "totalseg_ct" / "ct.nii.gz",
+                          tmp_path / "out")
+    assert code == 2 and "'window_zyx'" in text and text.count("\n") == 1
+
+
+def test_onnx_classification_is_refused_in_one_line(tmp_path, capsys, real_data):
+    path = _fake_export(tmp_path / "cls.onnx", **_med3d_props({**PLAN, "kind": "classification"}))
+    code, text = _predict(capsys, path, real_data / "totalseg_ct" / "ct.nii.gz", tmp_path / "out")
+    assert code == 2 and "classifies" in text and text.count("\n") == 1
+
+
+def test_onnx_plan_that_does_not_fit_the_network_is_one_line(tmp_path, capsys, real_data):
+    path = _fake_export(tmp_path / "mismatch.onnx", **_med3d_props(PLAN, in_channels=2))
+    code, text = _predict(capsys, path, real_data / "totalseg_ct" / "ct.nii.gz", tmp_path / "out")
+    assert code == 2 and "feeds 1 channel(s)" in text and "takes 2" in text and text.count("\n") == 1
+
+
+def test_onnx_scan_with_other_channels_than_the_plan_fails_that_case(tmp_path, capsys, real_data):
+    two = {**PLAN, "channel_names": ["T2", "ADC"], "normalization": [{"scheme": "zscore"}] * 2}
+    path = _fake_export(tmp_path / "two.onnx", **_med3d_props(two, in_channels=2))
+    code, text = _predict(capsys, path, real_data / "totalseg_ct" / "ct.nii.gz", tmp_path / "out")
+    assert code == 1 and "1 channel(s), but task t was trained on 2" in text
