@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .device import resolve_device
+
 
 def _seconds_per_call(fn, repeats: int, dev: torch.device) -> float:
     """Mean wall time of ``fn()`` after one warm-up call (CUDA synchronised around the timed calls)."""
@@ -119,7 +121,7 @@ def train_bench(iterations: int = 10, batch: int = 2, patch: Sequence[int] = (32
     from .resources import resource_path
     from .tasks.segmentation import SegLoss
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     cfg = load_config(resource_path("configs/demo/pretrain.yaml"))
     rows = []
     print(f"{'precision':>9} {'it/s':>8} {'samples/s':>10}   ({cfg.model.encoder.arch} widths "
@@ -165,7 +167,7 @@ def infer_bench(shape_zyx: Sequence[int] = (128, 256, 256), patch: Sequence[int]
     from .inference import Predictor
     from .resources import resource_path
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     cfg = load_config(resource_path("configs/demo/finetune.yaml"))
     torch.manual_seed(0)
     model = create_model(cfg).to(dev).eval()

@@ -217,9 +217,14 @@ def _inputs(wrapped: _TaskModel, input_size: Sequence[int]) -> List[torch.Tensor
     The second size is not a multiple of any stride > 1, so a check there catches an export that
     only works at the traced size (the padding to the head's divisibility must follow the input).
     """
-    model, task = wrapped.model, wrapped.task
-    channels = model.adapters[task].in_channels if task in model.adapters else model.encoder.in_channels
+    channels = _input_channels(wrapped)
     return [torch.randn(1, channels, *input_size), torch.randn(1, channels, *(s + 1 for s in input_size))]
+
+
+def _input_channels(wrapped: _TaskModel) -> int:
+    """The channels the exported task's input takes: its adapter's, else the encoder's."""
+    model, task = wrapped.model, wrapped.task
+    return model.adapters[task].in_channels if task in model.adapters else model.encoder.in_channels
 
 
 # ONNX metadata_props stored as plain text; every other value is JSON.
@@ -266,14 +271,12 @@ def onnx_metadata(meta: Mapping[str, Any], task: str, in_channels: int, divisibi
         "window_zyx": list(meta.get("patch_size") or DEFAULT_PATCH), "overlap": 0.5,
     }
     if plan is not None:  # a checkpoint without plans (built by hand) exports a bare network
-        chosen = plan.get("channels")
-        names = list(plan.get("channel_names") or [])
+        task_contract = _task_contract(plan, in_channels)  # the channels the task feeds, and their normalisation
         fields.update({
             "plan": plan, "kind": plan.get("kind", "segmentation"),
-            "input_channels": [names[i] for i in ([chosen] if isinstance(chosen, int) else chosen)]
-            if chosen is not None else names,
-            "spacing_zyx": plan.get("target_spacing"), "crop_nonzero": plan.get("crop_nonzero"),
-            "normalisation": plan.get("normalization"), "class_names": plan.get("labels") or plan.get("classes")})
+            "input_channels": task_contract["channel_names"], "spacing_zyx": task_contract["spacing_zyx"],
+            "crop_nonzero": plan.get("crop_nonzero"), "normalisation": task_contract["normalisation"],
+            "class_names": plan.get("labels") or plan.get("classes")})
         if plan.get("kind") == "classification":
             fields["output"] = "logits (N, K) of the classes; softmax over axis 1 gives class probabilities"
     fields["model_card"] = _card(contract, meta, licence, metrics, task)
@@ -309,8 +312,7 @@ def export_onnx(model: nn.Module, out: str | Path, input_size: Sequence[int], ta
     """
     wrapped = _task_model(model, task, "onnx")
     div = wrapped.model.task_divisibility(wrapped.task)
-    net, name = wrapped.model, wrapped.task
-    channels = net.adapters[name].in_channels if name in net.adapters else net.encoder.in_channels
+    channels = _input_channels(wrapped)
     size = onnx_trace_size(input_size, div)
     # Batch 2 in the example keeps torch.export from specialising the batch axis to 1.
     xs = [torch.randn(2, channels, *size), torch.randn(1, channels, *(s + d for s, d in zip(size, div)))]

@@ -219,3 +219,35 @@ def test_a_reader_that_goes_away_is_not_a_traceback():
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait() in (0, 141) and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:7"])
+def test_an_unknown_or_absent_device_is_one_line(device):
+    """Checked where the user names it (predict, explain, bench, analyze share it), never a torch traceback."""
+    from med3d.device import resolve_device
+    from med3d.errors import Med3DError
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a GPU 7")
+    with pytest.raises(Med3DError, match=f"--device {device}: "):
+        resolve_device(device)
+    assert resolve_device("cpu").type == "cpu"
+
+
+def test_predict_with_an_unknown_device_exits_2_in_one_line(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    from med3d.api import create_model
+    from med3d.checkpoint import save_checkpoint
+    from med3d.config import from_dict
+
+    # a checkpoint the predictor can open, so that the device is what fails
+    cfg = from_dict({"model": {"encoder": {"arch": "resnet10", "widths": [8, 16, 32, 64]},
+                               "heads": {"T": {"type": "med3d", "num_classes": 2}}}})
+    ckpt = save_checkpoint(tmp_path / "m.pt", create_model(cfg), cfg)
+    scan = tmp_path / "s.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), scan)
+    assert main(["predict", str(ckpt), str(scan), "--out", str(tmp_path / "o"), "--device", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device tpu" in err

@@ -215,3 +215,15 @@ def test_onnx_scan_with_other_channels_than_the_plan_fails_that_case(tmp_path, c
     path = _fake_export(tmp_path / "two.onnx", **_med3d_props(two, in_channels=2))
     code, text = _predict(capsys, path, real_data / "totalseg_ct" / "ct.nii.gz", tmp_path / "out")
     assert code == 1 and "1 channel(s), but task t was trained on 2" in text
+
+
+def test_onnx_metadata_states_only_the_channels_the_task_feeds():
+    """A plan over two channels of which the task takes the second: names and normalisation agree on that one."""
+    from med3d.export import onnx_metadata
+
+    plan = {"dataset": "T", "channel_names": ["T1", "FLAIR"], "channels": [1], "target_spacing": [1.0, 1.0, 1.0],
+            "normalization": [{"scheme": "zscore", "ch": 0}, {"scheme": "zscore", "ch": 1}], "labels": {"0": "bg"}}
+    fields = onnx_metadata({"plans": {"T": plan}}, "T", 1, (8, 8, 8))
+    assert json.loads(fields["input_channels"]) == ["FLAIR"]
+    assert json.loads(fields["normalisation"]) == [{"scheme": "zscore", "ch": 1}]
+    assert json.loads(fields["spacing_zyx"]) == [1.0, 1.0, 1.0]

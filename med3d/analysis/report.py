@@ -8,8 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
-
+from ..device import resolve_device
 from ..errors import Med3DError
 from ..models.resnet3d import ResNet3D
 from ..plotting import pyplot
@@ -112,20 +111,6 @@ def save_plot(rows: Sequence[StageComparison], path: PathLike, title: str = "",
     return Path(path)
 
 
-def _device(device: Optional[str]) -> torch.device:
-    """``--device`` checked: cpu, cuda or cuda:N, and CUDA only where there is one; None picks."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise Med3DError(f"--device {device}: unknown; use cpu or cuda")
-    if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
-        raise Med3DError(f"--device {device}: not available here; use cpu" + (" or cuda" if torch.cuda.is_available()
-                                                                               else ""))
-    return dev
-
-
 def _outputs(out_dir: PathLike, overwrite: bool) -> Tuple[Path, Path]:
     paths = Path(out_dir) / CSV_NAME, Path(out_dir) / PNG_NAME
     for path in paths:
@@ -166,7 +151,7 @@ def analyze(a: PathLike, b: PathLike, data: PathLike, out_dir: PathLike, patches
     """
     if max_examples < 1:
         raise Med3DError(f"--examples {max_examples}: keep at least 1 position per stage")
-    dev = _device(device)
+    dev = resolve_device(device)
     csv_path, png_path = _outputs(out_dir, overwrite)
     enc_a, meta_a = load_encoder(a, **encoder_args)
     enc_b, meta_b = load_encoder(b, **encoder_args)

@@ -21,7 +21,7 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -165,6 +165,27 @@ def make_folds(case_ids: Sequence[str], k: int, seed: int, groups: Optional[Mapp
     return [{"train": [c for c in every if c not in v], "val": sorted(v)} for v in map(set, val)]
 
 
+SPLITS_SHAPE = 'a JSON list of {"train": [case ids], "val": [case ids]}, one per fold'
+
+
+def load_split_list(path: PathLike) -> List[Any]:
+    """The folds of a ``splits_final.json`` as stored (a non-empty JSON list), not yet checked against a dataset.
+
+    Raises:
+        Med3DError: the file is missing, unreadable, not JSON or not a non-empty list.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise Med3DError(f"data.splits_file: {path} not found")
+    try:
+        folds = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise Med3DError(f"data.splits_file: {path} cannot be read as JSON ({err}); fix the file")
+    if not isinstance(folds, list) or not folds:
+        raise Med3DError(f"data.splits_file: {path} must be {SPLITS_SHAPE}")
+    return folds
+
+
 def read_splits(path: PathLike, case_ids: Sequence[str]) -> List[Fold]:
     """A user's ``splits_final.json``, checked against the dataset's cases.
 
@@ -179,19 +200,11 @@ def read_splits(path: PathLike, case_ids: Sequence[str]) -> List[Fold]:
         Med3DError: the file is missing or malformed, names an unknown case, or a fold has a case on both sides.
     """
     path = Path(path)
-    if not path.is_file():
-        raise Med3DError(f"data.splits_file: {path} not found")
-    try:
-        folds = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise Med3DError(f"data.splits_file: {path} is not valid JSON ({err}); fix the file")
-    shape = 'a JSON list of {"train": [case ids], "val": [case ids]}, one per fold'
-    if not isinstance(folds, list) or not folds:
-        raise Med3DError(f"data.splits_file: {path} must be {shape}")
+    folds = load_split_list(path)
     known = set(case_ids)
     for i, fold in enumerate(folds):
         if not isinstance(fold, dict) or not all(isinstance(fold.get(s), list) for s in ("train", "val")):
-            raise Med3DError(f"data.splits_file: {path} fold {i} must have 'train' and 'val' lists ({shape})")
+            raise Med3DError(f"data.splits_file: {path} fold {i} must have 'train' and 'val' lists ({SPLITS_SHAPE})")
         for side in ("train", "val"):
             unknown = [c for c in fold[side] if str(c) not in known]
             if unknown:

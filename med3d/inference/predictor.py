@@ -15,6 +15,7 @@ import torch
 
 from ..data.image import Geometry, Image, read_channels, strip_suffix
 from ..data.preprocess import preprocess
+from ..device import resolve_device
 from ..errors import Med3DError
 from ..models.multitask import MultiTaskModel
 from .restore import restore_labels, restore_probabilities
@@ -55,7 +56,8 @@ class Predictor:
             The predictor.
 
         Raises:
-            Med3DError: the file is no med3d checkpoint or carries no preprocessing plan.
+            Med3DError: an unknown or absent device, or the file is no med3d checkpoint or carries no
+                preprocessing plan.
         """
         from ..checkpoint import load_checkpoint
 
@@ -63,11 +65,11 @@ class Predictor:
             from .onnx_runtime import onnx_predictor
 
             return onnx_predictor(path, device)
+        dev = resolve_device(device)  # before reading the file: a wrong device costs nothing
         model, _, meta = load_checkpoint(path)
         if not meta.get("plans"):
             raise Med3DError(f"{path}: checkpoint has no preprocessing plan (was it written by med3d pretrain / "
                              "finetune?); predict needs the plan to prepare scans as in training")
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(model.to(dev).eval(), meta, dev)
 
     def task(self, task: Optional[str]) -> str:

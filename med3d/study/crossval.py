@@ -18,7 +18,7 @@ import numpy as np
 
 from ..atomic import write_text_atomic
 from ..config import Config
-from ..data.splits import DEFAULT_FOLDS
+from ..data.splits import DEFAULT_FOLDS, load_split_list
 from ..errors import Med3DError
 from .runs import changed_key, result_row, run_once
 from .tables import fmt, markdown, write_csv
@@ -33,14 +33,7 @@ def fold_count(cfg: Config) -> int:
         Med3DError: the splits file cannot be read as a list.
     """
     if cfg.data.splits_file:
-        path = Path(cfg.data.splits_file)
-        try:
-            folds = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise Med3DError(f"data.splits_file: {path} cannot be read ({err})")
-        if not isinstance(folds, list) or not folds:
-            raise Med3DError(f"data.splits_file: {path} must be a JSON list of {{\"train\": [...], \"val\": [...]}}")
-        return len(folds)
+        return len(load_split_list(cfg.data.splits_file))
     return cfg.data.folds or DEFAULT_FOLDS
 
 
