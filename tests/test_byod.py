@@ -383,6 +383,21 @@ def test_fixed_hu_window_normalises_exactly_as_documented(tiny_files, caplog):
     assert not make_plan(info, _fp(8))["warnings"]
 
 
+def test_the_few_scans_warning_is_said_where_the_plan_is_made_not_by_every_rank_that_checks_it(tiny_files, caplog):
+    from med3d.data.cache import plan_dataset
+
+    info = read_dataset(_new_ds(tiny_files))
+    folder = tiny_files / "cache" / "ds"
+    folder.mkdir(parents=True)
+    with caplog.at_level("WARNING"):
+        plan_dataset(info, folder)
+    assert sum("scan(s) only" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = plan_dataset(info, folder, read_only=True)  # what a DDP rank does at start
+    assert "scan(s) only" in again["warnings"][0] and not any("scan(s) only" in r.getMessage() for r in caplog.records)
+
+
 def _new_ds(tiny_files: Path) -> Path:
     out = tiny_files / "ds"
     if not out.exists():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from ._common import Subparsers
@@ -23,7 +24,9 @@ def _new_config(args: argparse.Namespace) -> int:
     from ..new_config import new_config
 
     out = Path(args.out or f"{Path(os.path.abspath(args.dataset)).name}_finetune.yaml")  # a link keeps its name
-    path, _ = new_config(args.dataset, out, args.weights, args.head, args.overwrite)  # warnings: logged by the plan
+    path, warnings = new_config(args.dataset, out, args.weights, args.head, args.overwrite)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
     print(f"wrote {path}")
     print(f"next: med3d config {path}; med3d prepare --config {path}; med3d finetune {path}")
     return 0

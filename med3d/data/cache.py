@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -38,6 +39,8 @@ from .datalist import Case, DatasetInfo, read_dataset
 from .image import read_channels
 from .plan import case_seed, case_fingerprint, dataset_fingerprint, find_descriptor, load_descriptor, make_plan, plan_hash
 from .preprocess import preprocess
+
+log = logging.getLogger("med3d.data")
 
 PathLike = Union[str, Path]
 MAX_LOCS_PER_CLASS = 10000
@@ -191,6 +194,9 @@ def plan_dataset(info: DatasetInfo, folder: Path, workers: int = 0, progress: bo
     desc_path = Path(descriptor) if descriptor else find_descriptor(info.name)
     desc = load_descriptor(desc_path) if desc_path else None
     plan = make_plan(info, fp, desc, spacing, normalization, ct_window)
+    if not read_only:  # said where the plan is made, not again on every DDP rank that checks it
+        for line in plan["warnings"]:
+            log.warning("warning: %s", line)
     plan["descriptor"] = str(desc_path) if desc_path else None
     plan["fingerprint"] = {k: v for k, v in fp.items() if k != "sources"}
     return plan

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -51,8 +50,6 @@ DESCRIPTOR_KEYS = {"key", "title", "modality", "labels", "target_spacing", "norm
 FEW_CASES = 5  # below this many training scans, percentile statistics describe the scans more than the modality
 DRIFT_PERCENTILES = (1, 50, 99)  # per scan, for predict's drift check
 DRIFT_SAMPLE = 200_000  # voxels per scan the percentiles are taken over (evenly strided)
-
-log = logging.getLogger("med3d.data")
 
 
 # ---------------------------------------------------------------- cropping
@@ -285,8 +282,6 @@ def make_plan(info: DatasetInfo, fp: Dict[str, Any], descriptor: Optional[Dict[s
     if ct_window is not None and not any(n["scheme"] == "ct" for n in norm):
         raise Med3DError(f"dataset {info.name}: ct_window is set but no channel is normalised as CT "
                          f"(schemes: {', '.join(schemes)}); set normalization: [ct] or drop ct_window")
-    for line in warnings:
-        log.warning("warning: %s", line)
     ratio = np.asarray(fp["spacing"]["median"]) / np.asarray(spacing_zyx)
     resampled = np.round(np.asarray(fp["cropped_shape"]["median"]) * ratio).astype(int)
     return {"dataset": info.name, "layout": info.layout, "channel_names": info.channel_names,
