@@ -18,10 +18,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .atomic import write_atomic, write_json_atomic
+from .atomic import write_json_atomic
 from .data.image import strip_suffix
 from .errors import Med3DError
-from .plotting import pyplot
+from .plotting import pyplot, save_png
 
 PathLike = Union[str, Path]
 PROB_TOLERANCE = 0.01  # rows written with a few decimals still sum to 1 within this
@@ -390,11 +390,6 @@ def read_reference(path: PathLike) -> Tuple[Dict[str, int], Optional[Dict[int, s
 # ---------------------------------------------------------------- plots
 
 
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90))
-
-
 def _roc_points(scores: np.ndarray, positive: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """False- and true-positive rates at each distinct threshold (for drawing; the AUC comes from MONAI)."""
     order = np.argsort(-scores, kind="stable")
@@ -432,9 +427,7 @@ def plot_roc(y_true: Sequence[int], probs: Any, report: Dict[str, Any], path: Pa
            title="ROC" if curves else "ROC (undefined: a class has no cases)")
     if curves:
         ax.legend(loc="lower right", fontsize=8)
-    _save(fig, Path(path))
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path)
 
 
 def plot_confusion(report: Dict[str, Any], path: PathLike) -> Optional[Path]:
@@ -459,9 +452,7 @@ def plot_confusion(report: Dict[str, Any], path: PathLike) -> Optional[Path]:
     ax.set_xticks(range(k), names, rotation=30, ha="right")
     ax.set_yticks(range(k), names)
     ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
-    _save(fig, Path(path))
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path)
 
 
 def plot_reliability(report: Dict[str, Any], path: PathLike) -> Optional[Path]:
@@ -487,9 +478,7 @@ def plot_reliability(report: Dict[str, Any], path: PathLike) -> Optional[Path]:
     ax.set(xlabel="confidence (top probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.01),
            title=f"Reliability (ECE {report['ece']:.3f})")
     ax.legend(loc="upper left", fontsize=8)
-    _save(fig, Path(path))
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path)
 
 
 # ---------------------------------------------------------------- evaluation

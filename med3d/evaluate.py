@@ -25,7 +25,7 @@ from .data.image import Geometry, Image, list_images, read_image, strip_suffix
 from .data.labelmap import apply_table
 from .errors import Med3DError
 from .atomic import write_text_atomic
-from .plotting import pyplot
+from .plotting import pyplot, save_png
 
 log = logging.getLogger("med3d.evaluate")
 FIELDS = ["case", "class", "label", "dice", "hd95_mm", "nsd", "volume_pred_ml", "volume_ref_ml"]
@@ -243,7 +243,6 @@ def dice_boxplot(rows: List[Dict[str, Any]], path: Path) -> Optional[Path]:
     plt = pyplot()
     if plt is None:
         return None
-    from .atomic import write_atomic
 
     summary = summarize(rows)
     data = [[r["dice"] for r in rows if r["class"] == s["class"] and math.isfinite(r["dice"])] for s in summary]
@@ -251,7 +250,4 @@ def dice_boxplot(rows: List[Dict[str, Any]], path: Path) -> Optional[Path]:
     ax.boxplot(data, showmeans=True)
     ax.set_xticks(range(1, len(summary) + 1), [s["label"] for s in summary], rotation=30, ha="right")
     ax.set(ylabel="Dice", ylim=(0, 1.02), title="Dice per class")
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90))
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -33,7 +33,7 @@ from .errors import Med3DError
 from .inference.predictor import Predictor
 from .inference.restore import restore_probabilities
 from .inference.window import evaluating
-from .plotting import pyplot
+from .plotting import pyplot, save_png
 
 PathLike = Union[str, Path]
 METHODS = ("gradcam", "gradcam++")
@@ -290,7 +290,6 @@ def save_cam_png(image: np.ndarray, cam: np.ndarray, peak: Sequence[int], spacin
     plt = pyplot(warn=True)
     if plt is None:
         return None
-    from .atomic import write_atomic
 
     z, y, x = peak
     sz, sy, sx = spacing_zyx
@@ -309,10 +308,7 @@ def save_cam_png(image: np.ndarray, cam: np.ndarray, peak: Sequence[int], spacin
         ax.set_title(name)
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80))
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path, dpi=80)
 
 
 def _jobs(paths: Sequence[PathLike], classifier: bool, center_mm: Optional[Sequence[float]],

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Any, Union
 
 log = logging.getLogger("med3d")
 
@@ -26,3 +27,24 @@ def pyplot(warn: bool = False) -> Any:
             log.warning("matplotlib is not installed (pip install med3d[plot]); no PNG written")
         return None
     return plt
+
+
+def save_png(fig: Any, path: Union[str, Path], dpi: int = 90) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG atomically, and close it (figures hold memory until closed).
+
+    Args:
+        fig: a matplotlib figure.
+        path: the PNG to write.
+        dpi: resolution.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib.pyplot as plt
+
+    from .atomic import write_atomic
+
+    fig.tight_layout()
+    write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    plt.close(fig)
+    return Path(path)

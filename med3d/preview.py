@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .plotting import pyplot
+from .plotting import pyplot, save_png
 
 
 def centre(labels: np.ndarray) -> Sequence[int]:
@@ -23,7 +23,6 @@ def save_preview(image: np.ndarray, pred: np.ndarray, path: Path, spacing_zyx: S
     plt = pyplot()
     if plt is None:
         return None
-    from .atomic import write_atomic
 
     z, y, x = centre(pred if (pred > 0).any() else (ref if ref is not None else pred))
     sz, sy, sx = spacing_zyx
@@ -44,7 +43,4 @@ def save_preview(image: np.ndarray, pred: np.ndarray, path: Path, spacing_zyx: S
         ax.set_title(name)
         ax.axis("off")
     fig.suptitle(title + ("  (fill: prediction, yellow: reference)" if ref is not None else ""))
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80))
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=80)

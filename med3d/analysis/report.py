@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from ..device import resolve_device
 from ..errors import Med3DError
 from ..models.resnet3d import ResNet3D
-from ..plotting import pyplot
+from ..plotting import pyplot, save_png
 from .compare import (DEFAULT_MAX_EXAMPLES, StageComparison, check_same_architecture, compare, encoder_of,
                       random_like)
 from .patches import DEFAULT_PATCH, DEFAULT_PATCHES, draw_patches
@@ -87,7 +87,6 @@ def save_plot(rows: Sequence[StageComparison], path: PathLike, title: str = "",
     plt = pyplot(warn=True)
     if plt is None:
         return None
-    from ..atomic import write_atomic
 
     names = [r.stage for r in rows]
     fig, (sim, wc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -105,10 +104,7 @@ def save_plot(rows: Sequence[StageComparison], path: PathLike, title: str = "",
     wc.set_title("relative weight change")
     wc.grid(alpha=0.3, axis="y")
     fig.suptitle(title)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80))
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path, dpi=80)
 
 
 def _outputs(out_dir: PathLike, overwrite: bool) -> Tuple[Path, Path]:

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..plotting import pyplot
+from ..plotting import pyplot, save_png
 
 
 class RunLogger:
@@ -61,7 +61,6 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:
     plt = pyplot()
     if plt is None:
         return None
-    from ..atomic import write_atomic
 
     rows = read_metrics(metrics_path)
     train = [r for r in rows if r.get("kind") == "train"]
@@ -73,7 +72,4 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:
     if val:
         axes[1].plot([r["iteration"] for r in val], [r["score"] for r in val], "o-")
     axes[1].set(title="validation score (mean over tasks)", xlabel="iteration", ylim=(0, 1))
-    fig.tight_layout()
-    write_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=90))
-    plt.close(fig)
-    return out_png
+    return save_png(fig, out_png)

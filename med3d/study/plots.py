@@ -9,16 +9,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from ..atomic import write_atomic
-from ..plotting import pyplot
+from ..plotting import pyplot, save_png
 from .grid import Study, size_label
-
-
-def _save(plt: Any, fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
-    return path
 
 
 def _mean_curve(runs: List[Dict[str, Any]]):
@@ -47,7 +39,7 @@ def plot_curves(study: Study, rows: List[Dict[str, Any]], path: Path) -> Optiona
                 ax.plot(its, mean, "o-", ms=3, label=init)
         ax.set(title=f"training cases: {size}", xlabel="iteration", ylabel="validation score")
         ax.legend(fontsize=8)
-    return _save(plt, fig, path)
+    return save_png(fig, path)
 
 
 def plot_sizes(study: Study, cells: List[Dict[str, Any]], path: Path) -> Optional[Path]:
@@ -71,4 +63,4 @@ def plot_sizes(study: Study, cells: List[Dict[str, Any]], path: Path) -> Optiona
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
     ax.set(xlabel="training cases", ylabel="final validation score", title="final score vs training-set size")
     ax.legend(fontsize=8)
-    return _save(plt, fig, path)
+    return save_png(fig, path)
