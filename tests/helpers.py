@@ -52,6 +52,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stacks(stderr: str) -> str:
+    """A rank's stderr without faulthandler's list of loaded extension modules, which would hide the stacks."""
+    return "\n".join(line for line in stderr.splitlines() if not line.startswith("Extension modules:"))
+
+
 def launch_ranks(argv, world: int, timeout: float = 240.0):
     """Run ``python -m <argv>`` as ``world`` ranks joined the way torchrun joins them (env://).
 
@@ -92,7 +97,7 @@ def launch_ranks(argv, world: int, timeout: float = 240.0):
     for out, err in logs:
         out.seek(0), err.seek(0)
         texts.append((out.read(), err.read()))
-    assert not hung, "ranks hung; their stacks:\n" + "\n".join(f"--- rank {r}\n{e[-3000:]}"
+    assert not hung, "ranks hung; their stacks:\n" + "\n".join(f"--- rank {r}\n{_stacks(e)[-6000:]}"
                                                                for r, (_, e) in enumerate(texts))
     return [p.returncode for p in procs], [t[0] for t in texts], [t[1] for t in texts]
 
