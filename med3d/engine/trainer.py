@@ -31,7 +31,7 @@ from ..tasks import kind_for_head
 from ..transfer.policies import init_state_dict
 from ..transfer.load import load_pretrained
 from .checkpoints import load_training, prune, publish_last, save_training, set_rng_state
-from .distributed import cleanup, init_distributed, mean_across
+from .distributed import barrier, cleanup, init_distributed, mean_across
 from .logger import RunLogger, plot_curves
 from .optim import build_optimizer, build_scheduler, check_stages, set_frozen
 from .resume import resume_config
@@ -475,6 +475,7 @@ class Trainer:
         if self.info.is_main:
             write_json_atomic(self.out / "summary.json", summary)
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+        barrier(self.info)  # the ranks leave the process group together, not one while the other still writes
         return summary
 
     def close(self) -> None:
