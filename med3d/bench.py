@@ -6,9 +6,15 @@
 - ``train``: training iterations/s of the demo encoder in float32 against bf16 autocast.
 - ``infer``: seconds per case of ``med3d predict`` against a plain MONAI sliding window.
 - ``onnx``: seconds per case of ``med3d predict`` with onnxruntime running the network against PyTorch eager.
+- ``memory``: peak RSS of ``prepare``, ``predict`` and ``evaluate`` on a generated CT (``bench_memory``).
+- ``scaling``: seconds per case of ``med3d predict`` against volume size (per voxel, per window).
+- ``loop``: the training loop's samples/s against the model-only step on in-memory tensors.
+
+``--cpu-time`` (infer, scaling) times CPU seconds on one thread: steady where other jobs share the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -151,13 +157,14 @@ def train_bench(iterations: int = 10, batch: int = 2, patch: Sequence[int] = (32
 
 
 def infer_bench(shape_zyx: Sequence[int] = (128, 256, 256), patch: Sequence[int] = (32, 64, 64),
-                overlap: float = 0.5, sw_batch_size: int = 2, repeats: int = 1,
-                device: Optional[str] = None) -> Dict[str, Any]:
+                overlap: float = 0.5, sw_batch_size: int = 2, repeats: int = 3,
+                device: Optional[str] = None, cpu_time: bool = False) -> Dict[str, Any]:
     """Seconds per case of med3d's predict path against a plain MONAI sliding_window_inference call.
 
     Same model (the demo encoder with one Med3D head), same window, overlap, batch of windows and
     Gaussian blending. med3d's figure includes its pre- and post-processing (crop, normalise,
-    softmax, restore to the input grid); the baseline is the bare network pass.
+    restore to the input grid); the baseline is the bare network pass. On the CPU each figure is
+    the fastest of ``repeats`` calls, the two taking turns; ``cpu_time``: CPU seconds on one thread.
     """
     from monai.inferers import sliding_window_inference
 
@@ -191,30 +198,54 @@ def infer_bench(shape_zyx: Sequence[int] = (128, 256, 256), patch: Sequence[int]
     def ours() -> None:
         predictor(image, task, overlap=overlap, sw_batch_size=sw_batch_size)
 
-    times = {name: _seconds_per_call(fn, repeats, dev) for name, fn in (("monai", plain), ("med3d", ours))}
+    if dev.type == "cuda":
+        times = {name: _seconds_per_call(fn, repeats, dev) for name, fn in (("monai", plain), ("med3d", ours))}
+    else:  # taking turns, fastest call: background load on a shared CPU hits both alike
+        with one_thread_cpu(cpu_time) as clock:
+            times = _fastest_interleaved({"monai": plain, "med3d": ours}, repeats, clock)
     print(f"volume {list(shape_zyx)} (z, y, x), window {list(patch)}, overlap {overlap}, sw batch {sw_batch_size}, "
-          f"{cfg.model.encoder.arch} widths {cfg.model.encoder.widths}, {dev}")
+          f"{cfg.model.encoder.arch} widths {cfg.model.encoder.widths}, {dev}, "
+          + ("CPU time on 1 thread" if cpu_time else f"torch threads {torch.get_num_threads()}"))
     print(f"plain monai sliding_window_inference: {times['monai']:.2f} s/case")
     print(f"med3d predict (incl. pre/post-processing): {times['med3d']:.2f} s/case "
           f"(ratio med3d/monai {times['med3d'] / times['monai']:.2f})")
     return times
 
 
-def _fastest_interleaved(fns: Dict[str, Any], repeats: int) -> Dict[str, float]:
+def _fastest_interleaved(fns: Dict[str, Any], repeats: int, clock=time.perf_counter) -> Dict[str, float]:
     """Fastest of ``repeats`` timed calls per function after a warm-up, the functions taking turns.
 
     Taking turns exposes both to the same background load; the fastest call is the one least
-    disturbed by it (a shared CPU's load only ever adds time).
+    disturbed by it (a shared CPU's load only ever adds time). ``clock``: ``time.process_time``
+    times CPU instead of wall time (see ``one_thread_cpu``).
     """
     for fn in fns.values():
         fn()
     best = {name: float("inf") for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            best[name] = min(best[name], clock() - t0)
     return best
+
+
+@contextlib.contextmanager
+def one_thread_cpu(enabled: bool):
+    """With ``enabled``: torch on one thread, timed by process CPU time (yields the clock).
+
+    On a CPU shared with other jobs wall times vary several-fold; the CPU time of a single-threaded
+    run barely moves, so ratios taken this way compare code, not load. Without: wall time, as set.
+    """
+    if not enabled:
+        yield time.perf_counter
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield time.process_time
+    finally:
+        torch.set_num_threads(threads)
 
 
 def onnx_bench(shape_zyx: Sequence[int] = (96, 192, 192), patch: Sequence[int] = (32, 64, 64), overlap: float = 0.5,
@@ -270,3 +301,187 @@ def onnx_bench(shape_zyx: Sequence[int] = (96, 192, 192), patch: Sequence[int] =
     print(f"{'network, s/window batch':>28} {times['torch_window']:>14.3f} {times['onnxruntime_window']:>12.3f} "
           f"{times['ratio_window']:>8.2f}x")
     return times
+
+
+def memory_bench(shape_zyx: Sequence[int] = (96, 256, 256), num_classes: int = 2, patch: Sequence[int] = (32, 64, 64),
+                 spacing: Sequence[float] = (2.0, 1.4, 1.4)) -> Dict[str, Any]:
+    """Peak resident memory of ``prepare``, ``predict`` and ``evaluate`` on a generated chest CT.
+
+    The CT (int16, 1 x 0.7 x 0.7 mm) and its lung label are written as a one-case dataset; the plan
+    resamples to ``spacing`` (so prepare resamples and predict restores), and an untrained
+    checkpoint with ``num_classes`` classes carries it. The three commands then run in one fresh
+    process (``bench_memory.stage_peaks``), each figure given above the import baseline and in
+    float32 copies of the input volume, the unit of the design bound.
+
+    Returns:
+        ``baseline`` MiB, ``one_copy_mb`` and per command its peak MiB and copies above the baseline.
+    """
+    from .bench_memory import PEAK_BOUND_COPIES, stage_peaks, write_checkpoint, write_ct_dataset
+    from .data.cache import plan_dataset
+    from .data.datalist import read_dataset
+
+    tmp = Path(tempfile.mkdtemp(prefix="med3d-bench-"))
+    try:
+        root = tmp / "Chest"
+        image, _ = write_ct_dataset(root, shape_zyx)
+        plan = plan_dataset(read_dataset(root), tmp / "plan", spacing=spacing)  # the plan prepare will make
+        ckpt = write_checkpoint(tmp / "model.pt", plan, num_classes, patch)
+        peaks = stage_peaks([
+            ("prepare", ["prepare", str(root), "--cache", str(tmp / "cache"), "--workers", "0", "--quiet",
+                         "--spacing", *[str(v) for v in spacing]]),
+            ("predict", ["predict", str(ckpt), str(image), "--out", str(tmp / "pred"), "--quiet"]),
+            ("evaluate", ["evaluate", str(tmp / "pred"), str(root / "labelsTr"), "--no-plot", "--quiet"])])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    one = float(np.prod(shape_zyx)) * 4 / 2 ** 20
+    out: Dict[str, Any] = {"baseline": peaks["baseline"], "one_copy_mb": one}
+    print(f"generated CT {list(shape_zyx)} (z, y, x) int16 at 1 x 0.7 x 0.7 mm, plan {list(spacing)} mm, "
+          f"{num_classes} classes, window {list(patch)}; one float32 copy = {one:.0f} MiB")
+    print(f"baseline (torch, MONAI, med3d imported): {peaks['baseline']:.0f} MiB")
+    print(f"{'command':<9} {'peak MiB':>9} {'above baseline':>15} {'float32 copies':>15}")
+    for name in ("prepare", "predict", "evaluate"):
+        above = peaks[name] - peaks["baseline"]
+        out[name] = {"peak_mb": peaks[name], "copies": above / one, "rc": peaks[f"{name}_rc"]}
+        bound = f"  (goal <= {PEAK_BOUND_COPIES:g})" if name != "evaluate" else ""
+        print(f"{name:<9} {peaks[name]:>9.0f} {above:>15.0f} {above / one:>15.2f}{bound}")
+    return out
+
+
+SCALING_SIZES = ((64, 64, 64), (64, 128, 128), (128, 128, 128), (128, 256, 256), (256, 256, 256))
+LARGE_SIZE = (400, 512, 512)
+
+
+def _window_count(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
+    """Sliding windows MONAI places over ``shape`` (its own slicing)."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    size = tuple(max(s, p) for s, p in zip(shape, patch))
+    return len(dense_patch_slices(size, tuple(patch), _get_scan_interval(size, tuple(patch), 3, (overlap,) * 3)))
+
+
+def scaling_bench(sizes: Sequence[Sequence[int]] = SCALING_SIZES, patch: Sequence[int] = (32, 64, 64),
+                  overlap: float = 0.5, sw_batch_size: int = 2, repeats: int = 1, large: bool = False,
+                  device: Optional[str] = None, cpu_time: bool = False) -> List[Dict[str, Any]]:
+    """Seconds per case of ``med3d predict`` (the ``Predictor``) against volume size: is the cost linear?
+
+    The demo encoder with one Med3D head on random volumes already on the plan grid; the per-voxel
+    and per-window columns should stay flat if cost grows linearly. ``large`` adds a 400x512x512
+    volume (about a minute per call on 2 CPU cores). ``cpu_time``: CPU seconds on one thread (see
+    ``one_thread_cpu``), steadier on a shared machine.
+
+    Returns:
+        One row per size: ``shape``, ``voxels``, ``windows``, ``seconds``, ``ns_per_voxel``, ``ms_per_window``.
+    """
+    from .api import create_model
+    from .config import load_config
+    from .data.image import Geometry, Image
+    from .inference import Predictor
+    from .resources import resource_path
+
+    dev = resolve_device(device)
+    cfg = load_config(resource_path("configs/demo/finetune.yaml"))
+    torch.manual_seed(0)
+    model = create_model(cfg).to(dev).eval()
+    task = model.tasks[0]
+    plan = {"channel_names": ["CT"], "labels": {"0": "background", "1": "spleen"}, "channels": None,
+            "target_spacing": [3.0, 1.5, 1.5], "crop_nonzero": True,
+            "normalization": [{"scheme": "ct", "clip": [-100.0, 200.0], "mean": 40.0, "std": 30.0}]}
+    predictor = Predictor(model, {"plans": {task: plan}, "patch_size": list(patch)}, dev)
+    sizes = [tuple(s) for s in sizes] + ([LARGE_SIZE] if large else [])
+    clock_name = "CPU time on 1 thread" if cpu_time else f"torch threads {torch.get_num_threads()}"
+    print(f"window {list(patch)}, overlap {overlap}, sw batch {sw_batch_size}, {cfg.model.encoder.arch} widths "
+          f"{cfg.model.encoder.widths}, {dev}, {clock_name}; fastest of {repeats}")
+    print(f"{'volume (z, y, x)':>18} {'Mvoxels':>8} {'windows':>8} {'s/case':>8} {'ns/voxel':>9} {'ms/window':>10}")
+    rows = []
+    warm = True
+    for shape in sizes:
+        vol = np.random.default_rng(0).normal(40, 30, (1, *shape)).astype(np.float32)
+        image = Image(vol, Geometry(tuple(shape), (1.5, 1.5, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+        call = lambda im=image: predictor(im, task, overlap=overlap, sw_batch_size=sw_batch_size)  # noqa: E731
+        with one_thread_cpu(cpu_time) as clock:
+            if warm:
+                call()  # first call: thread pools and kernels start up
+                warm = False
+            best = min(_timed(call, clock) for _ in range(repeats))
+        n, windows = int(np.prod(shape)), _window_count(shape, patch, overlap)
+        rows.append({"shape": list(shape), "voxels": n, "windows": windows, "seconds": best,
+                     "ns_per_voxel": best / n * 1e9, "ms_per_window": best / windows * 1e3})
+        r = rows[-1]
+        print(f"{'x'.join(map(str, shape)):>18} {n / 1e6:>8.2f} {windows:>8} {best:>8.2f} {r['ns_per_voxel']:>9.1f} "
+              f"{r['ms_per_window']:>10.1f}")
+        del vol, image
+    return rows
+
+
+def _timed(fn, clock=time.perf_counter) -> float:
+    t0 = clock()
+    fn()
+    return clock() - t0
+
+
+def loop_bench(iterations: int = 40, batch: int = 2, patch: Sequence[int] = (32, 64, 64), workers: int = 1,
+               n_cases: int = 4) -> Dict[str, Any]:
+    """The training loop's throughput against the model-only step: does the data keep up? (CPU)
+
+    The loop: ``med3d pretrain`` on generated spleen demo data (prepared cache, foreground
+    sampling, augmentation, ``workers`` loader processes), timed between its first and last logged
+    step (start-up excluded). The model-only step: the same model, loss, optimizer and kernels on
+    one batch held in memory. A ratio below 1 means the loop waits for data (or spends time
+    elsewhere: logging, scheduler).
+
+    Returns:
+        ``loop`` and ``model`` samples/s and ``ratio`` = loop / model.
+    """
+    from .config import from_dict, load_config, to_dict
+    from .data.demo import write_demo_data
+    from .engine.logger import read_metrics
+    from .engine.optim import build_optimizer
+    from .engine.trainer import train, training_kernels
+    from .api import create_model
+    from .resources import resource_path
+    from .tasks.segmentation import SegLoss
+
+    task = "Task09_SpleenDemo"
+    tmp = Path(tempfile.mkdtemp(prefix="med3d-bench-"))
+    try:
+        write_demo_data(tmp / "raw", n_train=n_cases, n_test=0, tasks=[task], show_progress=False)
+        d = to_dict(load_config(resource_path("configs/demo/pretrain.yaml")))
+        d["model"]["heads"] = {task: {"type": "med3d", "num_classes": 2}}
+        d["data"].update(datasets={task: {"path": str(tmp / "raw" / task)}}, cache_dir=str(tmp / "cache"),
+                         patch_size=list(patch), workers=workers, val_fraction=0.0)
+        d["run"]["out_dir"] = str(tmp / "run")
+        first = max(2, iterations // 4)  # the window starts after loader start-up and the first batches
+        d["train"].update(iterations=iterations, batch_size=batch, checkpoint_every=iterations, log_every=first)
+        d["validation"].update(every=0, allow_none=True)
+        cfg = from_dict(d)
+        train(cfg, "pretrain", progress=False, tensorboard=False)
+        logged = [r for r in read_metrics(tmp / "run" / "metrics.jsonl") if r.get("kind") == "train"]
+        a, b = logged[0], logged[-1]
+        seen_a, seen_b = a["iteration"] * batch, b["iteration"] * batch
+        loop = (seen_b - seen_a) / (seen_b / b["samples_per_s"] - seen_a / a["samples_per_s"])
+        torch.manual_seed(0)
+        model = create_model(cfg).train()
+        opt = build_optimizer(model, cfg)
+        loss_fn = SegLoss()
+        x, y = torch.randn(batch, 1, *patch), torch.randint(0, 2, (batch, 1, *patch))
+        amp = torch.bfloat16 if cfg.train.amp == "bf16" else None
+
+        def step() -> None:
+            opt.zero_grad()
+            with training_kernels(amp, torch.device("cpu")):
+                with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+                    out = model(x, task)
+                loss_fn(out, y).backward()
+            opt.step()
+
+        model_rate = batch / _seconds_per_call(step, b["iteration"] - a["iteration"], torch.device("cpu"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res = {"loop": loop, "model": model_rate, "ratio": loop / model_rate}
+    print(f"{cfg.model.encoder.arch} widths {cfg.model.encoder.widths} + Med3D head, batch {batch}, "
+          f"patch {list(patch)}, {cfg.train.optimizer}, loader workers {workers}, cpu, "
+          f"torch threads {torch.get_num_threads()}; steps {a['iteration']}..{b['iteration']} of {iterations}")
+    print(f"training loop: {loop:.2f} samples/s; model-only step: {model_rate:.2f} samples/s; "
+          f"ratio {res['ratio']:.2f} (below 1: the loop waits for data or other work)")
+    return res

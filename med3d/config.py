@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from . import values as V
 from .errors import Med3DError
 from .atomic import write_yaml_atomic
 from .registry import ENCODERS, HEADS, REQUIRED, Registry
@@ -191,6 +193,7 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     threads: Optional[int] = None  # torch CPU threads; null: torch's default
+    contrastive_temperature: float = 0.1  # contrastive tasks: NT-Xent temperature (lower: sharper)
 
 
 @dataclass
@@ -210,6 +213,23 @@ class DatasetEntry:
     label_map: Optional[Dict[str, Union[int, List[int]]]] = None
     # Fixed HU window [low, high] for CT channels instead of the training scans' percentiles.
     ct_window: Optional[List[float]] = None
+    # Self-supervised (restore, contrastive) tasks: which images of a dataset folder they learn from, labels
+    # withheld: its training images, its test images (imagesTs / 'test'), or all. null: all.
+    images: Optional[Literal["training", "test", "all"]] = None
+    # Self-supervised tasks on a plain folder of images: one name per channel (CT, T2, ...), which chooses
+    # the normalisation as for labelled data of that modality; null: one channel named 'image' (z-scored).
+    modality: Optional[List[str]] = None
+
+
+@dataclass
+class RestoreConfig:
+    """Models Genesis corruptions of a restore task's patches: the probability of each per patch."""
+
+    nonlinear: float = 0.9  # remap intensities through a random monotone Bezier curve
+    shuffle: float = 0.5  # shuffle voxels inside small blocks
+    shuffle_blocks: int = 200  # blocks shuffled per patch (each side up to a tenth of the patch)
+    paint: float = 0.9  # fill inner boxes (in-painting) or all but one box (out-painting) with noise
+    inpaint_share: float = 0.2  # of the painted patches, the share in-painted (the rest out-painted)
 
 
 @dataclass
@@ -253,6 +273,7 @@ class DataConfig:
     check: bool = True  # run check-data before training
     class_balance: bool = True  # classification: draw each class equally often (else as they come)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    restore: RestoreConfig = field(default_factory=RestoreConfig)  # restore tasks: corruption probabilities
 
 
 @dataclass
@@ -377,17 +398,103 @@ def _build(cls: Any, data: Dict[str, Any], prefix: str) -> Any:
 
 # ---------------------------------------------------------------- loading
 
-def _read_yaml(path: Path) -> Dict[str, Any]:
-    if not path.is_file():
-        raise Med3DError(f"{path}: config file not found")
+# A config is a few hundred values in a few kilobytes; these bounds stop a hostile or mistaken file
+# (a YAML alias bomb, a huge or binary file named as _base_, an endless _base_ chain) in one line.
+MAX_CONFIG_BYTES = 4 << 20
+MAX_YAML_VALUES = 100_000  # after expanding aliases and merge keys
+MAX_YAML_DEPTH = 64  # nested mappings and lists
+MAX_BASE_DEPTH = 16  # _base_ files inheriting from _base_ files
+MAX_BASE_FILES = 256  # files read for one config, over every branch
+
+
+def _expanded_size(node: yaml.Node, limit: int, memo: Dict[int, int]) -> int:
+    """Values ``node`` stands for once every alias is expanded, counted up to ``limit``.
+
+    PyYAML builds an aliased node once and shares it, so loading is cheap but anything that walks
+    the result (merging, validation, a dump of the resolved config) sees every copy; merge keys
+    (``<<``) are even copied while loading. Sizes are memoised per node, so this costs one pass.
+    """
+    key = id(node)
+    if key not in memo:
+        children: List[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        total = 1
+        for child in children:
+            total += _expanded_size(child, limit, memo)
+            if total > limit:
+                break
+        memo[key] = total
+    return memo[key]
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of flow brackets (``[`` ``{``) in ``text``, quotes ignored (an upper bound)."""
+    depth = deepest = 0
+    for ch in re.sub(r"[^\[\]{}]+", "", text):
+        depth = depth + 1 if ch in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` of ``text``, refused when its aliases expand past ``MAX_YAML_VALUES`` values.
+
+    Errors give the line only, never the text there: a file named as ``_base_`` may be anything.
+
+    Args:
+        text: the YAML.
+        where: the file (or override) for messages.
+
+    Returns:
+        The loaded data.
+
+    Raises:
+        Med3DError: invalid YAML (with its line), nesting too deep, or an alias bomb.
+    """
+    if _flow_depth(text) > MAX_YAML_DEPTH:  # PyYAML's scanner slows quadratically with [ { nesting
+        raise Med3DError(f"{where}: refused: its YAML nests more than {MAX_YAML_DEPTH} levels deep; a config "
+                         "needs a few")
+    loader = None
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        loader = yaml.SafeLoader(text)  # its reader already refuses control characters
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_YAML_VALUES, {}) > MAX_YAML_VALUES:
+            raise Med3DError(f"{where}: refused: its aliases expand to more than {MAX_YAML_VALUES:,} values (a YAML "
+                             "alias bomb?); a config needs a few hundred, so write the values out")
+        return loader.construct_document(node)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise Med3DError(f"{path}: not valid YAML{where}; fix the syntax")
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise Med3DError(f"{where}: not valid YAML{line}; fix the syntax")
+    except RecursionError:
+        raise Med3DError(f"{where}: refused: its YAML nests too deeply to be a config")
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _read_yaml(path: Path, via: str = "") -> Dict[str, Any]:
+    """One config file as a mapping; ``via`` says which file names it as ``_base_`` (for messages)."""
+    where = f"{path}{via}"
+    if not path.is_file():
+        raise Med3DError(f"{where}: config file not found")
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise Med3DError(f"{where}: {path.stat().st_size:,} bytes, too large for a config "
+                             f"(limit {MAX_CONFIG_BYTES:,}); is it the right file?")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise Med3DError(f"{where}: not a text file (not UTF-8); a config is YAML text")
+    except OSError as err:
+        raise Med3DError(f"{where}: cannot be read ({err.strerror or type(err).__name__})")
+    data = safe_yaml(text, where) or {}
     if not isinstance(data, dict):
-        raise Med3DError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+        raise Med3DError(f"{where}: a config must be a mapping of sections, got {type(data).__name__}")
     return data
 
 
@@ -450,24 +557,40 @@ def _shipped(path: Path) -> bool:
         return False
 
 
-def load_yaml_tree(path: Union[str, Path], _seen: Sequence[Path] = ()) -> Dict[str, Any]:
+def load_yaml_tree(path: Union[str, Path], _seen: Sequence[Path] = (), _read: Optional[List[Path]] = None
+                   ) -> Dict[str, Any]:
     """Read a YAML config and merge in its ``_base_`` file(s) (paths relative to it; later wins).
 
     Data and weight paths (``INPUT_PATH_KEYS``) are taken relative to the file that names them, except
     in the configs shipped with med3d (templates whose paths name the folder you run from).
+
+    Raises:
+        Med3DError: a file is unreadable or no mapping, ``_base_`` loops, nests deeper than
+            ``MAX_BASE_DEPTH`` or reads more than ``MAX_BASE_FILES`` files, or is not a path.
     """
     path = Path(path).resolve()
+    read = [] if _read is None else _read
+    via = f" (the _base_ of {_seen[-1]})" if _seen else ""
     if path in _seen:
         raise Med3DError(f"{path}: _base_ inheritance loops back to this file")
-    data = _read_yaml(path)
+    if len(_seen) >= MAX_BASE_DEPTH:
+        raise Med3DError(f"{path}{via}: _base_ files nest more than {MAX_BASE_DEPTH} deep (from {_seen[0]}); "
+                         "flatten the chain")
+    read.append(path)
+    if len(read) > MAX_BASE_FILES:
+        raise Med3DError(f"{_seen[0] if _seen else path}: its _base_ files make more than {MAX_BASE_FILES} reads; "
+                         "name each base once")
+    data = _read_yaml(path, via)
     if not _shipped(path):
         data = resolve_input_paths(data, path.parent)
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b and "\0" not in b for b in bases):
+        raise Med3DError(f"{path}{via}: _base_ must be a file path or a list of them")
     merged: Dict[str, Any] = {}
     for base in bases:
-        merged = _merge(merged, load_yaml_tree(path.parent / base, (*_seen, path)))
+        merged = _merge(merged, load_yaml_tree(path.parent / base, (*_seen, path), read))
     return _merge(merged, data)
 
 
@@ -484,16 +607,119 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
             if not isinstance(node.get(part, {}), dict):
                 raise Med3DError(f"override '{item}': '{part}' is not a section")
             node = node.setdefault(part, {})
-        try:
-            node[parts[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise Med3DError(f"override '{item}': the value is not valid YAML")
+        node[parts[-1]] = safe_yaml(raw, f"override '{item}'")  # its messages name the override
     return data
 
 
+def _train_cases(value: Any, name: str) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return V.at_least(1)(value, name)
+    return V.in_range(value, name + " (a share of the cases)", 0, 1, low_open=True)
+
+
+def _channel(value: Any, name: str) -> Any:
+    return V.each(V.at_least(0))(value, name) if isinstance(value, list) else V.at_least(0)(value, name)
+
+
+def _window(value: Any, name: str) -> Any:
+    low, high = V.each(V.in_range, 2)(value, name)
+    if low >= high:
+        raise Med3DError(f"{name}: the low end must be below the high end, got {value}")
+    return value
+
+
+def _seed(value: Any, name: str) -> Any:
+    return V.in_range(V.at_least(0)(value, name), name, 0, 2 ** 32 - 1)  # numpy's seed range
+
+
+def _degrees(value: Any, name: str) -> Any:
+    return V.in_range(value, name, 0, 180)
+
+
+# What each of these accepts, for ``med3d config --schema`` (V's checks say it themselves).
+_train_cases.range = "a count >= 1, or a share in (0, 1]"  # type: ignore[attr-defined]
+_channel.range = "channel index >= 0, or a list of them"  # type: ignore[attr-defined]
+_window.range = "[low, high] with low < high"  # type: ignore[attr-defined]
+_seed.range = "whole number in [0, 2^32 - 1]"  # type: ignore[attr-defined]
+_degrees.range = "in [0, 180]"  # type: ignore[attr-defined]
+
+
+# Numeric keys and the values that make sense (``*``: any task). A value outside is refused when the
+# config is loaded, naming the key, instead of failing deep inside MONAI or torch, possibly hours into
+# a run (validation.overlap 1.0 used to crash at the final validation and lose the final checkpoint).
+_PROBABILITIES = ("flip", "rot90", "affine", "elastic", "intensity_scale", "intensity_shift", "gamma", "noise", "blur")
+RANGES: Tuple[Tuple[str, V.Check], ...] = (
+    ("run.seed", _seed),
+    ("train.iterations", V.at_least(1)), ("train.batch_size", V.at_least(1)), ("train.accumulate", V.at_least(1)),
+    ("train.lr", V.positive), ("train.momentum", V.fraction), ("train.weight_decay", V.non_negative),
+    ("train.warmup_iterations", V.at_least(0)), ("train.clip_grad", V.positive),
+    ("train.label_smoothing", V.fraction), ("train.class_weights", V.each(V.non_negative)),
+    ("train.checkpoint_every", V.at_least(1)), ("train.keep_last", V.at_least(0)), ("train.log_every", V.at_least(1)),
+    ("train.threads", V.at_least(1)),
+    ("data.patch_size", V.each(V.at_least(1), 3)), ("data.foreground_share", V.probability),
+    ("data.temperature", V.positive), ("data.select_channel", V.at_least(0)), ("data.val_fraction", V.fraction),
+    ("data.train_cases", _train_cases),  # data.folds and data.fold: checked against the split at preflight
+    ("data.workers", V.at_least(0)),
+    *((f"data.augment.{k}", V.probability) for k in _PROBABILITIES),
+    ("data.augment.rotate_deg", _degrees), ("data.augment.scale", V.fraction),
+    ("data.datasets.*.spacing", V.spacing), ("data.datasets.*.channel", _channel),
+    ("data.datasets.*.loss_weight", V.non_negative), ("data.datasets.*.crop_mm", V.each(V.positive, 3)),
+    ("data.datasets.*.ct_window", _window),
+    ("validation.every", V.at_least(0)), ("validation.overlap", V.fraction),
+    ("validation.sw_batch_size", V.at_least(1)), ("validation.max_cases", V.at_least(1)),
+    ("finetune.first_k", V.at_least(0)), ("finetune.unfreeze_at", V.at_least(0)),
+    ("finetune.encoder_lr_mult", V.non_negative), ("finetune.head_lr_mult", V.non_negative),
+    ("model.adapters.*", V.at_least(1)), ("model.encoder.in_channels", V.at_least(1)),
+    ("model.heads.*.num_classes", V.at_least(1)),
+    ("train.contrastive_temperature", V.positive), ("data.restore.shuffle_blocks", V.at_least(0)),
+    *((f"data.restore.{k}", V.probability) for k in ("nonlinear", "shuffle", "paint", "inpaint_share")),
+)
+
+
+def _values_at(node: Any, parts: Sequence[str], key: str) -> List[Tuple[str, Any]]:
+    """``(dotted key, value)`` of every value at ``parts`` below ``node`` (``*``: each entry of a mapping)."""
+    if not parts:
+        return [(key, node)] if node is not None else []
+    head, rest = parts[0], parts[1:]
+    if head == "*":
+        items = list(node.items()) if isinstance(node, dict) else []
+    else:
+        items = [(head, node.get(head) if isinstance(node, dict) else getattr(node, head, None))]
+    out: List[Tuple[str, Any]] = []
+    for name, child in items:
+        out += _values_at(child, rest, f"{key}.{name}" if key else str(name))
+    return out
+
+
+def check_ranges(cfg: Config) -> Config:
+    """Refuse a numeric key outside its range (``RANGES``), naming the key and the range.
+
+    Args:
+        cfg: a config that passed the type checks.
+
+    Returns:
+        ``cfg``.
+
+    Raises:
+        Med3DError: the first key out of range.
+    """
+    for pattern, check in RANGES:
+        for key, value in _values_at(cfg, pattern.split("."), ""):
+            try:
+                check(value, key)
+            except Med3DError as err:  # "key[i]: must be ..." -> "config key 'key[i]': must be ..."
+                name, _, problem = str(err).partition(": ")
+                raise Med3DError(f"config key '{name}': {problem}")
+    return cfg
+
+
 def from_dict(data: Dict[str, Any]) -> Config:
-    """Validate a plain mapping against the schema."""
-    return _build(Config, data, "")
+    """Validate a plain mapping against the schema: every key's type, then every numeric key's range.
+
+    Raises:
+        Med3DError: one line naming the first key that is unknown, of the wrong type or out of range.
+    """
+    return check_ranges(_build(Config, data, ""))
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:

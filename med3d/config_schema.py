@@ -14,6 +14,7 @@ import typing
 from typing import Any, Dict, List, Tuple
 
 from . import config as C
+from .values import describe
 
 # Keys whose meaning the field's name and section say, without a comment in config.py.
 _PLAIN = {
@@ -50,8 +51,9 @@ _PLAIN = {
     "model.encoder": "the shared encoder: arch and its builder's arguments",
     "model.heads": "task name -> its head: type and the builder's arguments",
     "model.heads.<task>.type": "registered head: med3d (light, dilated features), unet (skips, strided layout), "
-                               "classification",
-    "model.heads.<task>.num_classes": "output classes, background included",
+                               "classification, restore and contrastive (self-supervised, dropped at export)",
+    "model.heads.<task>.num_classes": "output classes, background included (restore: the channels it reconstructs; "
+                                      "contrastive: the projection size)",
     "model.heads.<task>.channels": "channels of the head's convolutions",
     "model.heads.<task>.dropout": "dropout before the classifier",
     "model.encoder.arch": "registered encoder",
@@ -131,6 +133,13 @@ def _default(f: dataclasses.Field) -> Any:
     return "(required)"
 
 
+def _valid(key: str) -> str:
+    """The values the loader accepts for a numeric key (``config.RANGES``), as a note for its meaning."""
+    want = key.replace("<task>", "*")
+    text = next((describe(check) for pattern, check in C.RANGES if pattern == want), "")
+    return f" (valid: {text})" if text else ""
+
+
 def _rows(cls: type, prefix: str) -> List[Tuple[str, str, Any, str]]:
     comments = _field_comments(cls)
     for base in cls.__mro__[1:]:
@@ -144,7 +153,7 @@ def _rows(cls: type, prefix: str) -> List[Tuple[str, str, Any, str]]:
         meaning = comments.get(f.name) or _PLAIN.get(key, "")
         if key.replace("<task>", "*") in C.INPUT_PATH_KEYS and "relative to" not in meaning:
             meaning += " (relative to the config file naming it)"  # the rule the loader applies
-        rows.append((key, C._type_name(tp), _default(f), meaning))
+        rows.append((key, C._type_name(tp), _default(f), meaning + _valid(key)))
         if dataclasses.is_dataclass(tp) and f.name not in ("encoder",):
             rows += _rows(tp, key + ".")
         if f.name == "datasets":

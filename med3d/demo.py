@@ -51,7 +51,10 @@ def _configs(out: Path, overrides: Sequence[str], quick: bool) -> Dict[str, Conf
 
 def run_demo(overrides: Sequence[str] = (), quick: bool = False, out_dir: str = "runs/demo",
              progress: bool = True) -> int:
-    """Run the demo; writes everything under ``out_dir`` and prints the comparison table."""
+    """Run the demo; writes everything under ``out_dir`` and prints the comparison table.
+
+    The demo owns ``out_dir``: running it again replaces its earlier runs there (``train(overwrite=True)``).
+    """
     out = Path(out_dir)
     cfgs = _configs(out, overrides, quick)
     data = out / "data"
@@ -65,7 +68,7 @@ def run_demo(overrides: Sequence[str] = (), quick: bool = False, out_dir: str = 
         write_nodule_demo(data, n_train=16 if quick else 48, n_test=2, seed=cfgs["pretrain"].run.seed)
 
     print(f"\n[1/5] pretraining on {', '.join(TASK_NAMES[:3])}")
-    pre = train(cfgs["pretrain"], "pretrain", progress=progress)
+    pre = train(cfgs["pretrain"], "pretrain", progress=progress, overwrite=True)
     print(describe(pre))
     from .checkpoint import load_checkpoint
 
@@ -75,10 +78,10 @@ def run_demo(overrides: Sequence[str] = (), quick: bool = False, out_dir: str = 
     print(f"encoder exported to {enc_path}")
 
     print(f"\n[2/5] fine-tuning on {TASK_NAMES[3]} from the pretrained encoder")
-    ft = train(cfgs["pretrained"], "finetune", progress=progress)
+    ft = train(cfgs["pretrained"], "finetune", progress=progress, overwrite=True)
     print(describe(ft))
     print(f"\n[3/5] fine-tuning on {TASK_NAMES[3]} from scratch (same budget)")
-    sc = train(cfgs["scratch"], "finetune", progress=progress)
+    sc = train(cfgs["scratch"], "finetune", progress=progress, overwrite=True)
     print(describe(sc))
 
     target = sc["final"]["mean_dice"]
@@ -103,10 +106,10 @@ CLASSIFY_LEVEL = 0.95  # the AUC whose first validated iteration shows how much 
 def _classification(cfgs: Dict[str, Config], progress: bool) -> None:
     """Steps 4 and 5: the nodule classifier from the shared encoder and from scratch, and their AUC."""
     print(f"\n[4/5] classifying {NODULE_DEMO} from the pretrained encoder")
-    pre = train(cfgs["classify_pretrained"], "finetune", progress=progress)
+    pre = train(cfgs["classify_pretrained"], "finetune", progress=progress, overwrite=True)
     print(describe(pre))
     print(f"\n[5/5] classifying {NODULE_DEMO} from scratch (same budget)")
-    sc = train(cfgs["classify_scratch"], "finetune", progress=progress)
+    sc = train(cfgs["classify_scratch"], "finetune", progress=progress, overwrite=True)
     print(describe(sc))
     cfg = cfgs["classify_scratch"]
     print(f"\n{NODULE_DEMO}: {cfg.data.train_cases} training cases, {cfg.train.iterations} iterations each")

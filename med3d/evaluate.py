@@ -31,34 +31,91 @@ log = logging.getLogger("med3d.evaluate")
 FIELDS = ["case", "class", "label", "dice", "hd95_mm", "nsd", "volume_pred_ml", "volume_ref_ml"]
 
 
-def _onehot(arr: np.ndarray, classes: Sequence[int]) -> torch.Tensor:
-    t = torch.as_tensor(arr.astype(np.int64))
-    return torch.stack([t == c for c in classes])[None].float()
+def _union_box(p: torch.Tensor, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Both ``(1, 1, Z, Y, X)`` masks cut to the bounding box of their union plus one voxel (clipped to the grid).
+
+    MONAI's surface metrics crop to that same box (margin 1) before measuring, so the distances do
+    not change; only MONAI's float copies of its inputs shrink to the box.
+    """
+    union = torch.logical_or(p, r)[0, 0]
+    box = []
+    for axis in range(3):
+        hit = torch.nonzero(union.any(dim=[a for a in range(3) if a != axis])).flatten()
+        box.append(slice(max(0, int(hit[0]) - 1), min(union.shape[axis], int(hit[-1]) + 2)))
+    del union
+    region = (slice(None), slice(None), *box)
+    return p[region].contiguous(), r[region].contiguous()
+
+
+def _class_metrics(p: torch.Tensor, r: torch.Tensor, spacing_zyx: Sequence[float], tolerance_mm: float,
+                   distances: bool) -> Tuple[float, float, float]:
+    """Dice, HD95 and surface Dice of one class's ``(1, 1, Z, Y, X)`` boolean masks (NaN where undefined)."""
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    n_p, n_r = int(p.count_nonzero()), int(r.count_nonzero())
+    inter = int(torch.logical_and(p, r).count_nonzero())
+    dice = 2.0 * inter / (n_p + n_r) if n_r else (0.0 if n_p else float("nan"))
+    if not distances:
+        return dice, float("nan"), float("nan")
+    if not (n_p and n_r):  # a surface distance needs both surfaces
+        return dice, float("nan"), 0.0 if n_p or n_r else float("nan")
+    p, r = _union_box(p, r)  # MONAI converts its inputs to float: give it the classes' box, not the volume
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hd = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95,
+                                              spacing=list(spacing_zyx))[0, 0])
+        nsd = float(compute_surface_dice(p, r, class_thresholds=[tolerance_mm], include_background=True,
+                                         spacing=list(spacing_zyx))[0, 0])
+    return dice, hd if math.isfinite(hd) else float("nan"), nsd
+
+
+_TORCH_INT = (np.uint8, np.int8, np.int16, np.int32, np.int64)
+
+
+def _label_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A label map as an integer tensor, sharing memory where torch has the dtype (float maps truncated)."""
+    if arr.dtype.type in _TORCH_INT:
+        return torch.as_tensor(np.ascontiguousarray(arr))
+    return torch.as_tensor(arr.astype(np.int32 if arr.dtype.type == np.uint16 else np.int64))
+
+
+def _class_mask(t: torch.Tensor, value: int) -> torch.Tensor:
+    """``(1, 1, Z, Y, X)`` mask of ``value``; empty when the dtype cannot hold it (torch would wrap it around)."""
+    info = torch.iinfo(t.dtype)
+    if not info.min <= value <= info.max:
+        return torch.zeros((1, 1, *t.shape), dtype=torch.bool)
+    return (t == value)[None, None]
 
 
 def pair_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float], classes: Sequence[int],
                  tolerance_mm: float = 2.0, distances: bool = True) -> List[Dict[str, float]]:
-    """Per-class metrics of two ``(Z, Y, X)`` label maps on the same grid (``distances=False``: Dice and volumes only)."""
-    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+    """Per-class metrics of two ``(Z, Y, X)`` label maps on the same grid (``distances=False``: Dice and volumes only).
 
-    p, r = _onehot(pred, classes), _onehot(ref, classes)
+    One class at a time, as two boolean masks: memory is a fixed number of one-byte volumes (plus
+    MONAI's distance maps over the class's bounding box), not a float one-hot of every class.
+
+    Args:
+        pred: predicted label map.
+        ref: reference label map (same shape).
+        spacing_zyx: voxel size in mm.
+        classes: label values to score.
+        tolerance_mm: surface-Dice tolerance.
+        distances: also HD95 and surface Dice (slower).
+
+    Returns:
+        One row per class: Dice (NaN when absent from both; 0 when absent from one), HD95 mm and
+        surface Dice (NaN unless the class is in both; surface Dice 0 when in one only), volumes in ml.
+    """
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
-    with warnings.catch_warnings():  # MONAI warns on empty classes; those get NaN below
-        warnings.simplefilter("ignore")
-        dice = compute_dice(p, r, include_background=True, ignore_empty=True)[0]
-        nan = torch.full((len(classes),), float("nan"))
-        hd = compute_hausdorff_distance(p, r, include_background=True, percentile=95,
-                                        spacing=list(spacing_zyx))[0] if distances else nan
-        nsd = compute_surface_dice(p, r, class_thresholds=[tolerance_mm] * len(classes), include_background=True,
-                                   spacing=list(spacing_zyx))[0] if distances else nan
+    pt, rt = _label_tensor(pred), _label_tensor(ref)
     rows = []
-    for i, c in enumerate(classes):
-        in_p, in_r = bool(p[0, i].any()), bool(r[0, i].any())
-        d = float(dice[i]) if in_r else (0.0 if in_p else float("nan"))
-        h = float(hd[i]) if in_p and in_r and math.isfinite(float(hd[i])) else float("nan")
-        s = float(nsd[i]) if in_p and in_r or not distances else (0.0 if in_p or in_r else float("nan"))
-        rows.append({"class": int(c), "dice": d, "hd95_mm": h, "nsd": s,
-                     "volume_pred_ml": float(p[0, i].sum()) * voxel_ml, "volume_ref_ml": float(r[0, i].sum()) * voxel_ml})
+    for c in classes:
+        p, r = _class_mask(pt, int(c)), _class_mask(rt, int(c))
+        dice, hd, nsd = _class_metrics(p, r, spacing_zyx, tolerance_mm, distances)
+        rows.append({"class": int(c), "dice": dice, "hd95_mm": hd, "nsd": nsd,
+                     "volume_pred_ml": float(p.count_nonzero()) * voxel_ml,
+                     "volume_ref_ml": float(r.count_nonzero()) * voxel_ml})
+        del p, r
     return rows
 
 

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data.image import Image
+from . import values as V
 from .errors import Med3DError
 from .inference.predictor import Predictor
 from .inference.restore import restore_probabilities
@@ -385,6 +386,10 @@ def explain(checkpoint: PathLike, images: Union[PathLike, Sequence[PathLike]], o
     from .inference.classify import is_classifier
 
     _cam_class(method), _target_layer(layer)  # refuse bad options before any work
+    if max_voxels is not None:
+        V.at_least(1)(max_voxels, "--max-voxels")
+    if center_mm is not None:
+        V.each(V.in_range, 3)(center_mm, "--center")
     predictor = Predictor.from_checkpoint(checkpoint, device)
     task = predictor.task(task)
     plan = predictor.meta["plans"][task]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import warnings
@@ -453,6 +454,8 @@ def export_torchscript(model: nn.Module, out: str | Path, input_size: Sequence[i
     if got.shape != ref.shape or float((got - ref).abs().max()) > 1e-3:
         raise Med3DError(f"torchscript export: the traced model differs from PyTorch at input {list(xs[1].shape[2:])}; "
                          "not written")
+    buffer = io.BytesIO()  # torch's C++ writer aborts the interpreter on a full disk; Python's write raises
+    torch.jit.save(traced, buffer)
     with atomic_path(out, overwrite=overwrite) as tmp:
-        traced.save(str(tmp))
+        tmp.write_bytes(buffer.getbuffer())
     return Path(out)

@@ -34,11 +34,12 @@ def run_metrics(checkpoint: Optional[PathLike]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     if checkpoint is None or Path(checkpoint).suffix.lower() not in (".pt", ".pth", ".ckpt"):
         return out
-    import torch
+    from .errors import Med3DError
+    from .transfer.formats import _torch_load
 
-    try:  # weights_only: reading a card never runs code from the file
-        raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception:  # not a med3d training checkpoint: no run record
+    try:  # the bounded, weights-only reader: reading a card never runs code from the file nor stalls on it
+        raw = _torch_load(Path(checkpoint))
+    except Med3DError:  # not a med3d training checkpoint: no run record
         return out
     best = (raw.get("train_state") or {}).get("best") if isinstance(raw, dict) else None
     if best and best.get("metric") is not None:

@@ -106,6 +106,24 @@ def test_benchmarks_run_and_report_ratios(capsys):
     assert "ratio" in out and "MONAI decode" in out
 
 
+@pytest.mark.slow
+def test_memory_scaling_and_loop_benchmarks_run_in_a_tiny_configuration(capsys):
+    """``med3d bench memory / scaling / loop`` (issue #15 part 5), tiny, so they do not rot; no speed asserted."""
+    from med3d.bench import loop_bench, memory_bench, scaling_bench
+
+    mem = memory_bench(shape_zyx=(16, 32, 32), patch=(8, 16, 16))
+    assert mem["baseline"] > 100 and mem["one_copy_mb"] == 16 * 32 * 32 * 4 / 2 ** 20
+    for name in ("prepare", "predict", "evaluate"):
+        assert mem[name]["rc"] == 0 and mem[name]["peak_mb"] > 0
+    rows = scaling_bench(sizes=[(8, 16, 16), (16, 16, 32)], patch=(8, 16, 16), repeats=1, cpu_time=True)
+    assert [r["windows"] for r in rows] == [1, 3 * 1 * 3] and all(r["seconds"] > 0 for r in rows)
+    assert rows[1]["ns_per_voxel"] == pytest.approx(rows[1]["seconds"] / (16 * 16 * 32) * 1e9)
+    loop = loop_bench(iterations=4, patch=(16, 32, 32), workers=0, n_cases=2)
+    assert loop["ratio"] == pytest.approx(loop["loop"] / loop["model"]) and loop["loop"] > 0
+    out = capsys.readouterr().out
+    assert "float32 copies" in out and "ns/voxel" in out and "model-only step" in out
+
+
 # ------------------------------------------------------------------ shipped files
 
 def test_config_falls_back_to_the_shipped_config(tmp_path, monkeypatch, capsys):

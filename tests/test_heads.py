@@ -70,7 +70,7 @@ def test_heads_added_and_removed():
 
 def test_head_option_mismatch_is_one_line():
     with pytest.raises(Med3DError, match=r"^unknown config key 'model.heads.x.channels': a classification head "
-                                         r"does not take it \(only med3d, unet heads do\); "
+                                         r"does not take it \(only med3d, unet, restore heads do\); "
                                          r"it takes: type, num_classes, dropout$"):
         med3d.create_model({"model": {"encoder": {"arch": "resnet10"},
                                       "heads": {"x": {"type": "classification", "channels": 8}}}})

@@ -168,5 +168,6 @@ def test_checkpoint_without_a_plan_is_refused(tmp_path, demo_root, cfg_dict):
     from med3d.api import create_model
 
     path = save_checkpoint(tmp_path / "noplan.pt", create_model(cfg), cfg)
-    r = _cli("predict", str(path), str(tmp_path), "--out", str(tmp_path / "o"))
+    scans = demo_root / "Task09_SpleenDemo" / "imagesTs"  # not tmp_path: --out may not lie in an input folder
+    r = _cli("predict", str(path), str(scans), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "no preprocessing plan" in r.stderr and r.stderr.count("\n") == 1

@@ -23,13 +23,20 @@ ADDERS: List[Callable[[Subparsers], None]] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are the CLI's one line, like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``med3d`` parser; each subcommand sets its handler as ``args.handler``.
 
     Returns:
         The parser.
     """
-    parser = argparse.ArgumentParser(prog="med3d", description="Med3D-style 3D-ResNet pretraining and transfer "
+    parser = _Parser(prog="med3d", description="Med3D-style 3D-ResNet pretraining and transfer "
                                      "for medical image segmentation.")
     parser.add_argument("--version", action="version", version=f"med3d {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")

@@ -76,11 +76,16 @@ def _prepare_jobs(args: argparse.Namespace) -> list:
     if args.config:
         from ..config import load_config
 
+        from ..engine.task_data import is_self_supervised
+
         cfg = load_config(args.config, args.set)
-        return [(e.path, cfg.data.cache_dir, dict(descriptor=e.descriptor, spacing=e.spacing,
+        # Self-supervised tasks read their dataset as unlabelled images, into a cache of their own.
+        return [(e.path, cfg.data.cache_dir, {"unlabelled": e, "task": t, "check": cfg.data.check})
+                if t in cfg.model.heads and is_self_supervised(cfg, t) else
+                (e.path, cfg.data.cache_dir, dict(descriptor=e.descriptor, spacing=e.spacing,
                                                   normalization=e.normalization, check=cfg.data.check,
                                                   crop_mm=e.crop_mm, label_map=e.label_map, ct_window=e.ct_window))
-                for e in cfg.data.datasets.values()]
+                for t, e in cfg.data.datasets.items()]
     if not args.datasets:
         raise Med3DError("prepare: name the dataset folders, or --config CONFIG for the datasets a config trains on")
     return [(root, args.cache, dict(descriptor=args.descriptor, spacing=args.spacing)) for root in args.datasets]
@@ -110,6 +115,13 @@ def _prepare(args: argparse.Namespace) -> int:
 
     failed = 0
     for root, cache, overrides in _prepare_jobs(args):
+        if "unlabelled" in overrides:
+            from ..data.unlabelled import prepare_unlabelled
+
+            folder = prepare_unlabelled(overrides["unlabelled"], cache, args.workers, not args.quiet,
+                                        overrides["check"], f"data.datasets.{overrides['task']}")
+            print(f"{overrides['task']}: unlabelled images of {root} prepared -> {folder}")
+            continue
         if is_classification_dataset(root):
             _prepare_classes(root, cache, overrides, progress=not args.quiet)
             continue
@@ -172,6 +184,9 @@ def add_prepare(sub: Subparsers) -> None:
     p.add_argument("--cache", default="cache", help="cache folder (default: ./cache)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--descriptor", help="descriptor YAML overriding the shipped one (single dataset)")
-    p.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="target spacing in mm")
+    from ..values import cli_type, positive  # a NaN or non-positive spacing is refused here, not mid-resampling
+
+    p.add_argument("--spacing", type=cli_type(positive, "--spacing"), nargs=3, metavar=("Z", "Y", "X"),
+                   help="target spacing in mm")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_prepare)

@@ -8,7 +8,9 @@ from ._common import Subparsers
 
 def _explain(args: argparse.Namespace) -> int:
     from ..explain import explain
+    from ..paths import check_output_dir
 
+    check_output_dir(args.out, args.inputs)  # before the model is loaded: never into an input folder
     results = explain(args.checkpoint, args.inputs, args.out, task=args.task, class_index=args.class_index,
                       method=args.method, layer=args.layer, center_mm=args.center, roi_masks=args.roi_mask,
                       device=args.device, max_voxels=args.max_voxels or None, overwrite=args.overwrite)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, List, Optional, Tuple
 
 from ..errors import Med3DError
 from ._common import Subparsers
@@ -13,30 +13,30 @@ from ._common import Subparsers
 def _predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..data.image import image_suffix, read_channels, write_image
-    from ..inference import collect_inputs
+    from ..data.image import read_channels, write_image
     from ..preview import save_preview
 
     from ..inference.classify import is_classifier
 
     from ..inference.ensemble import load_models, write_record
+    from ..values import check_window
 
+    check_window(args.overlap, args.sw_batch)  # one line for the whole run, not one per case
+    cases = _check_outputs(args)  # before the models are loaded: nothing is read or written in vain
     predictor = load_models(args.checkpoint, args.ensemble, args.device)  # several: their averaged probabilities
     task = predictor.task(args.task)
     if is_classifier(predictor, task):
         return _classify(args, predictor, task)
     out = Path(args.out)
-    cases = collect_inputs(args.inputs)
     if not cases:
         raise Med3DError("no input scans found in " + ", ".join(args.inputs))
     failed = 0
     for case_id, files in tqdm(cases, desc="predict", unit="case", disable=args.quiet):
-        suffix = image_suffix(files[0]) if files[0].is_file() else ".nii.gz"
-        target = out / f"{case_id}{suffix or '.nii.gz'}"
+        target = out / _output_names(case_id, files[0])[0]
         try:
             if target.exists() and not args.overwrite:
                 raise Med3DError(f"{target}: already exists; pass --overwrite to replace it")
-            image = read_channels(files)
+            image = read_channels(files, series=args.series)
             pred = predictor(image, task, overlap=args.overlap, mirror=args.mirror, sw_batch_size=args.sw_batch,
                              where=str(files[0]), probabilities=args.probabilities)
             write_image(target, pred.labels, pred.geometry, overwrite=args.overwrite)
@@ -53,6 +53,50 @@ def _predict(args: argparse.Namespace) -> int:
     write_record(predictor, task, out)
     print(f"{len(cases) - failed} of {len(cases)} case(s) predicted into {out}" + (f"; {failed} failed" if failed else ""))
     return 1 if failed else 0
+
+
+def _output_names(case_id: str, first: Path) -> List[str]:
+    """The files ``predict`` writes for a case (segmentation), in ``--out``."""
+    from ..data.image import image_suffix
+
+    suffix = (image_suffix(first) if first.is_file() else "") or ".nii.gz"
+    return [f"{case_id}{suffix}", f"{case_id}_drift.json", f"{case_id}_probs.nii.gz", f"{case_id}_preview.png"]
+
+
+def _check_outputs(args: argparse.Namespace) -> Optional[List[Tuple[str, List[Path]]]]:
+    """Refuse, before any work, an ``--out`` that cannot be written or would destroy an input, and a run
+    whose every input has a header that would be refused when read.
+
+    Returns:
+        The segmentation cases (``collect_inputs``), or None for a classification dataset (its own reader).
+    """
+    from ..data.classification import is_classification_dataset
+    from ..data.image import inspect_image
+    from ..inference import collect_inputs
+    from ..paths import check_output_dir, check_targets
+
+    out = check_output_dir(args.out, args.inputs)
+    models = [args.checkpoint, *args.ensemble]
+    if len(args.inputs) == 1 and is_classification_dataset(args.inputs[0]):
+        check_targets([out / "predictions.csv"], [*args.inputs, *models])
+        return None
+    cases = collect_inputs(args.inputs)
+    targets = [out / "predictions.csv"] + [out / name for case, files in cases
+                                           for name in _output_names(case, files[0])]
+    check_targets(targets, [*(f for _, files in cases for f in files), *models])
+    # Headers only (geometry, declared size, DICOM series): when no input would be read, refuse now rather
+    # than after loading the model; otherwise each bad case is reported as it comes and the rest are done.
+    refusals = []
+    for _, files in cases:
+        try:
+            for f in files:
+                inspect_image(f, series=args.series)
+        except Med3DError as err:
+            refusals.append(str(err))
+    if cases and len(refusals) == len(cases):
+        more = f" (and {len(refusals) - 1} more input(s) refused; nothing to predict)" if len(refusals) > 1 else ""
+        raise Med3DError(refusals[0] + more)
+    return cases
 
 
 def _drift_check(image: Any, plan: dict, target: Path, where: str) -> None:
@@ -88,7 +132,7 @@ def _classify(args: argparse.Namespace, predictor: Any, task: str) -> int:
     rows, failed = [], 0
     for case_id, files, mask, center in tqdm(jobs, desc="classify", unit="case", disable=args.quiet):
         try:
-            image = read_channels(files)
+            image = read_channels(files, series=args.series)
             if center is None and mask is not None:
                 center = roi_center_mm(ClassCase(case_id, list(files), None, mask=mask), image)
             rows.append(classify_scan(predictor, image, task, center, case_id, where=str(files[0])))
@@ -109,10 +153,15 @@ def _fmt(v: float) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from ..paths import check_output_dir
+
+    # Outputs may go into PRED (the default) but never into the references, checked before any work.
+    out = check_output_dir(args.out or (args.pred if Path(args.pred).is_dir() else Path(args.pred).parent),
+                           [args.pred, args.ref], allow_inside=[args.pred])
     if Path(args.pred).suffix.lower() == ".csv":  # image-level classification: one row of probabilities per case
         from ..classification_eval import evaluate_classification, format_summary
 
-        report = evaluate_classification(args.pred, args.ref, Path(args.out or Path(args.pred).parent),
+        report = evaluate_classification(args.pred, args.ref, out,
                                          n_boot=args.bootstrap, seed=args.seed, plots=not args.no_plot)
         print(format_summary(report))
         return 1 if report["unmatched"]["predictions_without_reference"] else 0
@@ -124,7 +173,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"error: {line}")
     if not rows:
         raise Med3DError(f"no prediction in {args.pred} could be evaluated against {args.ref}")
-    out = Path(args.out or args.pred)
     write_csv(out / "metrics.csv", rows, FIELDS)
     summary = summarize(rows)
     write_csv(out / "summary.csv", summary)
@@ -154,7 +202,10 @@ def add_predict(sub: Subparsers) -> None:
                    "probabilities; every one must share the plan. ensemble.json beside the outputs names them")
     p.add_argument("inputs", nargs="+", help="image files (NIfTI, NRRD, MHA), DICOM series folders, image "
                    "folders or dataset folders")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (outside the input folders: outputs never "
+                   "replace inputs)")
+    p.add_argument("--series", metavar="UID", help="the SeriesInstanceUID to read from DICOM folders that hold "
+                   "several series (a folder holding several is refused without it)")
     p.add_argument("--task", help="which head (needed when the checkpoint has several)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--mirror", action="store_true", help="test-time augmentation: average over mirrored copies")

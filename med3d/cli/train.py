@@ -16,6 +16,8 @@ def _train_cmd(job: str) -> Handler:
         from ..engine.trainer import describe, train
 
         resume = args.resume
+        if resume is not None and args.overwrite:
+            raise Med3DError("--resume continues the run in run.out_dir and --overwrite replaces it; give one")
         cfg = load_config(args.config, args.set)
         if args.fold is not None or args.folds:
             return _folds(args, cfg, job)
@@ -23,7 +25,7 @@ def _train_cmd(job: str) -> Handler:
             resume = str(Path(cfg.run.out_dir) / "checkpoints" / "last.pt")
             if not Path(resume).is_file():
                 raise Med3DError(f"--resume: no checkpoint at {resume} to resume from")
-        summary = train(cfg, job, resume=resume, progress=not args.quiet)
+        summary = train(cfg, job, resume=resume, progress=not args.quiet, overwrite=args.overwrite)
         if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
             print(describe(summary))
             print(f"outputs in {cfg.run.out_dir}")
@@ -41,7 +43,7 @@ def _folds(args: argparse.Namespace, cfg, job: str) -> int:
                          "RUN/fold_N/checkpoints/last.pt")
     k = fold_count(cfg)
     folds = parse_folds(args.folds, k) if args.folds else parse_folds(str(args.fold), k)
-    run_folds(cfg, job, folds, progress=not args.quiet, resume=args.resume is not None)
+    run_folds(cfg, job, folds, progress=not args.quiet, resume=args.resume is not None, overwrite=args.overwrite)
     print(f"fold summary in {Path(cfg.run.out_dir) / 'fold_summary.md'}")
     return 0
 
@@ -74,6 +76,9 @@ def add_train(sub: Subparsers) -> None:
         folds.add_argument("--folds", metavar="all|N,M", help="train these folds (all: every one) into RUN/fold_N, "
                            "one after another, then write RUN/fold_summary.csv and .md; with --resume, finished "
                            "folds are skipped")
+        p.add_argument("--overwrite", action="store_true", help="replace the run already in run.out_dir: its "
+                       "checkpoints, metrics, config and summary are removed first (without this or --resume, "
+                       "a folder holding a run is refused)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.set_defaults(handler=_train_cmd(job))
 

@@ -11,7 +11,9 @@ def _export(args: argparse.Namespace) -> int:
     from ..convert import model_from_file
     from ..export import ENCODER_FORMATS, export_encoder, export_onnx, export_torchscript
     from ..model_card import run_metrics
+    from ..paths import check_output_file
 
+    check_output_file(args.out, [args.checkpoint])  # before the model is read: never over its own source
     model, meta = model_from_file(args.checkpoint, arch=args.arch, in_channels=args.in_channels,
                                   layout=args.layout, conv=args.conv, shortcut=args.shortcut)
     metrics = run_metrics(args.checkpoint)  # for the model card: the run's validation scores, where known
@@ -30,7 +32,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _inflate(args: argparse.Namespace) -> int:
     from ..convert import inflate_file
+    from ..paths import check_output_file
 
+    check_output_file(args.out, [args.src])
     inflate_file(args.src, args.arch, args.out, mode=args.mode, layout=args.layout, in_channels=args.in_channels,
                  overwrite=args.overwrite)
     print(f"wrote {args.out}")

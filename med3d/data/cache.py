@@ -23,9 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -34,10 +32,12 @@ import numpy as np
 
 from ..errors import Med3DError
 from ..atomic import write_atomic, write_json_atomic
+from ..workers import worker_pool, worth_a_pool
 from .check import require_valid
 from .datalist import Case, DatasetInfo, read_dataset
 from .image import read_channels
-from .plan import case_seed, case_fingerprint, dataset_fingerprint, find_descriptor, load_descriptor, make_plan, plan_hash
+from .plan import (case_seed, case_fingerprint, dataset_fingerprint, find_descriptor, label_numbering_problem,
+                   load_descriptor, make_plan, plan_hash)
 from .preprocess import preprocess
 
 log = logging.getLogger("med3d.data")
@@ -107,6 +107,36 @@ def class_locations(seg: np.ndarray, seed: int) -> Dict[str, np.ndarray]:
     return out
 
 
+def training_label(case: Case, n_labels: int) -> np.ndarray:
+    """The case's label map as training values 0..``n_labels``-1, or one line naming the file and the bad value.
+
+    The file is read as stored and only then narrowed: a cast first would wrap a value such as
+    40000 into int16's range (-25536) and a label map would miss it. This check runs in ``prepare``
+    itself, so a dataset prepared with ``data.check: false`` cannot reach training with a label value
+    the network has no output for (that fails the loss at step 1, or on a GPU asserts in CUDA).
+
+    Args:
+        case: the case (its label map, if any, is applied).
+        n_labels: the number of classes, background included; the declared labels are 0..n_labels-1.
+
+    Returns:
+        The label array, int16.
+
+    Raises:
+        Med3DError: a value that is not an integer in 0..n_labels-1, naming the file and the value.
+    """
+    arr = case.read_label(None).array  # as stored, through the dataset's label map
+    if np.issubdtype(arr.dtype, np.floating) and not (np.isfinite(arr).all() and np.array_equal(arr, np.round(arr))):
+        raise Med3DError(f"{case.label}: label values are not integers; a label map holds whole class numbers")
+    if arr.size and (arr.min() < 0 or arr.max() >= n_labels):
+        bad = np.unique(arr[(arr < 0) | (arr >= n_labels)])
+        mapped = " after the label_map" if case.label_map is not None else ""
+        raise Med3DError(f"{case.label}: label value(s) {[int(v) for v in bad[:8]]} outside the declared labels "
+                         f"0..{n_labels - 1}{mapped}; declare them in dataset.json 'labels' or map them with a "
+                         "label_map (data.datasets.<task>.label_map)")
+    return arr.astype(np.int16)
+
+
 def prepare_case(case: Case, plan: Dict[str, Any], folder: Path) -> Dict[str, Any]:
     """Preprocess one case into the cache; returns its properties.
 
@@ -114,12 +144,12 @@ def prepare_case(case: Case, plan: Dict[str, Any], folder: Path) -> Dict[str, An
     the case id), so a resumed ``prepare`` writes the same bytes as a fresh one.
     """
     image = read_channels(case.images)
-    label = case.read_label(np.int16).array if case.label else None  # through the dataset's label map
+    label = training_label(case, len(plan["labels"])) if case.label else None
     data, seg, props = preprocess(image, label, plan)
     files = case_files(folder, case.case_id)
     write_atomic(files["data"], lambda tmp: np.save(tmp, data))
     seg = seg if seg is not None else np.zeros((1, *data.shape[1:]), np.int16)
-    seg = seg.astype(np.int8 if seg.max() < 127 else np.int16)
+    seg = seg.astype(np.int8 if seg.max() < 127 else np.int16)  # training_label made every value 0..K-1
     write_atomic(files["seg"], lambda tmp: np.save(tmp, seg))
     locs = class_locations(seg[0], case_seed(case.case_id))
     write_atomic(files["locs"], lambda tmp: np.savez(tmp, **locs))
@@ -154,9 +184,8 @@ class PrepareResult:
 def _map(fn, jobs: List[Any], workers: int, desc: str, progress: bool) -> List[Any]:
     from tqdm import tqdm
 
-    if workers > 1 and len(jobs) > 1:
-        # forkserver, not fork: forking a process whose torch/tqdm threads hold a lock can hang a worker.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+    if worth_a_pool(workers, len(jobs)):
+        with worker_pool(workers) as pool:  # its workers stop with this process, even on SIGKILL
             it = pool.map(fn, jobs)
             return list(tqdm(it, total=len(jobs), desc=desc, unit="case", disable=not progress, leave=False))
     return [fn(j) for j in tqdm(jobs, desc=desc, unit="case", disable=not progress, leave=False)]
@@ -214,6 +243,9 @@ def prepare_dataset(root: PathLike, cache_dir: PathLike, workers: int = 0, progr
     info = read_dataset(root, label_map)
     if check:
         require_valid(info, workers)
+    numbering = label_numbering_problem(info)  # before any case is read, also with check off
+    if numbering:
+        raise Med3DError(numbering)
     folder = cache_folder(cache_dir, root)
     plan = plan_dataset(info, folder, workers, progress, descriptor, spacing, normalization, ct_window=ct_window)
     phash = plan_hash(plan)
@@ -246,14 +278,31 @@ def check_prepared(root: PathLike, cache_dir: PathLike, descriptor: Optional[Pat
         Med3DError: the cache is missing, stale, or lacks a case; the message says what to run.
     """
     info = read_dataset(root, label_map)
-    folder = cache_folder(cache_dir, root)
-    phash = plan_hash(plan_dataset(info, folder, descriptor=descriptor, spacing=spacing,
-                                   normalization=normalization, read_only=True, ct_window=ct_window))
+    return require_prepared(info, cache_folder(cache_dir, root), f"dataset {root}", descriptor=descriptor,
+                            spacing=spacing, normalization=normalization, ct_window=ct_window)
+
+
+def require_prepared(info: DatasetInfo, folder: Path, what: str, **plan_args: Any) -> Path:
+    """``folder`` when every case of ``info`` is cached there under its current plan; writes nothing.
+
+    Args:
+        info: the dataset as read.
+        folder: its cache folder.
+        what: how the message names the dataset.
+        **plan_args: ``plan_dataset``'s keyword arguments (descriptor, spacing, normalization, ct_window).
+
+    Returns:
+        ``folder``.
+
+    Raises:
+        Med3DError: a case is missing or stale; the message says what to run.
+    """
+    phash = plan_hash(plan_dataset(info, folder, read_only=True, **plan_args))
     missing = [c.case_id for c in info.cases if not is_done(folder, c, phash)]
     if missing:
-        raise Med3DError(f"dataset {root}: {len(missing)} case(s) not prepared under the current plan in "
-                         f"{cache_dir} (first: {missing[0]}); run 'med3d prepare --config CONFIG' (the training "
-                         "config) before starting the ranks")
+        raise Med3DError(f"{what}: {len(missing)} case(s) not prepared under the current plan in {folder.parent} "
+                         f"(first: {missing[0]}); run 'med3d prepare --config CONFIG' (the training config) before "
+                         "starting the ranks")
     return folder
 
 
@@ -272,7 +321,8 @@ def load_cache(folder: PathLike, case_ids: Optional[Sequence[str]] = None) -> Tu
     Args:
         folder: the dataset's cache folder (``cache_folder``).
         case_ids: only these cases (the dataset's current list; cases since removed from it stay
-            out); None: every complete case in the folder.
+            out); None: the cases of the last ``prepare`` (its manifest), or every complete case in
+            a folder without one.
 
     Returns:
         The plan and the cases, by case id.
@@ -285,6 +335,9 @@ def load_cache(folder: PathLike, case_ids: Optional[Sequence[str]] = None) -> Tu
     if not plan_path.is_file():
         raise Med3DError(f"{folder}: no prepared cache here; run 'med3d prepare' on the dataset first")
     plan = json.loads(plan_path.read_text())
+    manifest = folder / "manifest.json"
+    if case_ids is None and manifest.is_file():  # the cases dataset.json declared at the last prepare
+        case_ids = json.loads(manifest.read_text()).get("cases")
     wanted = set(case_ids) if case_ids is not None else None
     cases = []
     for props_path in sorted((folder / "cases").glob("*.json")):

@@ -1,20 +1,23 @@
 """``check-data``: validate every case of a dataset before any training touches it.
 
 Each problem is one line naming the file and what is wrong. Errors (unreadable or truncated
-files, mismatched grids, undeclared labels, non-finite intensities, wrong channel counts)
-stop training; warnings (implausible spacing) are printed but do not.
+files, mismatched grids, undeclared labels, non-finite intensities, wrong channel counts,
+complex-valued, all-zero or constant images) stop training; warnings (implausible spacing) are
+printed but do not.
 """
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, List, Sequence
 
 import numpy as np
 
 from ..errors import Med3DError
+from ..workers import worker_pool, worth_a_pool
 from .datalist import Case, DatasetInfo
 from .image import read_channels, read_image
+from .plan import label_numbering_problem
 
 # Plausible voxel sizes in mm; outside this range the header is most likely wrong (units in m or um).
 SPACING_RANGE = (0.05, 20.0)
@@ -39,6 +42,10 @@ def check_case(case: Case, num_channels: int, labels: Sequence[int]) -> List[Pro
     first = case.images[0]
     if image.channels != num_channels:
         out.append(Problem("error", f"{first}: {image.channels} channel(s), dataset.json declares {num_channels}"))
+    content = _content_problems(first, image.array, labelled=case.label is not None)
+    if any(p.severity == "error" for p in content):
+        return out + content
+    out += content
     if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).all():
         bad = int((~np.isfinite(image.array)).sum())
         out.append(Problem("error", f"{first}: {bad} voxel(s) are NaN or infinite; repair or drop the case"))
@@ -76,6 +83,33 @@ def check_case(case: Case, num_channels: int, labels: Sequence[int]) -> List[Pro
     return out
 
 
+def _content_problems(path: Path, array: np.ndarray, labelled: bool) -> List[Problem]:
+    """Images that hold no usable intensities.
+
+    Complex voxels (MR k-space or phase data) are an error: training casts to float32, which keeps the
+    real part and silently drops the imaginary one, and whether magnitude, phase or real part was meant is
+    the user's decision. An all-zero or constant channel of a labelled (training) case is an error: it
+    carries no image, so the network would be taught to predict the case's label from a blank (and the
+    non-zero crop and normalisation have nothing to work on); it is almost always a failed conversion.
+    In an unlabelled (test) case it is a warning: nothing is trained on it, and a prediction on it is
+    merely empty.
+    """
+    if np.iscomplexobj(array):
+        return [Problem("error", f"{path}: complex-valued voxels ({array.dtype}); med3d trains on real intensities: "
+                                 "save the magnitude (or the part you mean) as a real-valued image")]
+    out = []
+    for c, channel in enumerate(array):
+        if not channel.size or not np.isfinite(channel).all():
+            continue  # the NaN check below names it
+        lo, hi = channel.min(), channel.max()
+        if lo == hi:
+            what = "all zero" if lo == 0 else f"constant ({lo.item()!r} everywhere)"
+            where = f" channel {c}" if len(array) > 1 else ""
+            out.append(Problem("error" if labelled else "warning",
+                               f"{path}:{where} {what}, no image data; re-export the scan or drop the case"))
+    return out
+
+
 def _mapped_absent(case: Case, present: set) -> List[Problem]:
     """With a label mapping every unmapped value is background by design; a mapped structure with none
     of its values in the file is worth a warning (a wrong value in the mapping shows up this way)."""
@@ -93,13 +127,8 @@ def _mapped_absent(case: Case, present: set) -> List[Problem]:
 
 def _label_gaps(info: DatasetInfo) -> List[Problem]:
     """Training labels must be 0..N: the network has one output per class, and a value past N fails the loss."""
-    values = sorted(info.labels)
-    if values == list(range(len(values))):
-        return []
-    return [Problem("error", f"{info.root / 'dataset.json'}: labels {values[:12]}{' ...' if len(values) > 12 else ''}"
-                             " are not numbered 0..N without gaps, which training needs; add a label_map that "
-                             "names the structures to keep (med3d new-dataset --labels liver=5 ..., or "
-                             "data.datasets.<task>.label_map in the config)")]
+    problem = label_numbering_problem(info)
+    return [Problem("error", problem)] if problem else []
 
 
 def _check_one(args) -> List[Problem]:
@@ -112,8 +141,8 @@ def check_dataset(info: DatasetInfo, workers: int = 0, progress: bool = False) -
     jobs = [(case, info.num_channels, list(info.labels)) for case in info.cases]
     jobs += [(case, info.num_channels, list(info.labels)) for case in info.test_cases]
     results: Iterable[List[Problem]]
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
+    if worth_a_pool(workers, len(jobs)):
+        with worker_pool(workers) as pool:  # its workers stop with this process, even on SIGKILL
             results = list(_progress(pool.map(_check_one, jobs), len(jobs), info.name, progress))
     else:
         results = _progress(map(_check_one, jobs), len(jobs), info.name, progress)
@@ -133,7 +162,6 @@ def _progress(it: Iterable, total: int, name: str, show: bool) -> Iterable:
 def require_valid(info: DatasetInfo, workers: int = 0) -> None:
     """Raise with every error line when the dataset fails ``check_dataset`` (training calls this)."""
     errors = [p for p in check_dataset(info, workers) if p.severity == "error"]
-    if errors:
-        lines = "\n  ".join(p.message for p in errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise Med3DError(f"dataset {info.root} fails check-data with {len(errors)} error(s):\n  {lines}{more}")
+    if errors:  # one line, as every refusal is; check-data lists them all
+        more = f" (and {len(errors) - 1} more: run 'med3d check-data {info.root}')" if len(errors) > 1 else ""
+        raise Med3DError(f"dataset {info.root} fails check-data with {len(errors)} error(s): {errors[0].message}{more}")

@@ -2,9 +2,12 @@
 
 Both layouts become a ``DatasetInfo``: channel names, integer labels, and cases that each
 list their image file(s) (one multi-channel file, or one file per channel) and label file.
-Every path stays inside the dataset root: an entry pointing elsewhere, or at a missing file,
-is recorded as a problem for ``check-data`` and its case left out. A symbolic link placed inside
-the root is followed (``med3d new-dataset`` links the user's files that way rather than copy them).
+Every path stays inside the dataset root: an entry pointing elsewhere (by ``..``, an absolute
+path, or a folder that is a symbolic link leading out of the root), or at a missing file, is
+recorded as a problem for ``check-data`` and its case left out. A symbolic link that is the entry's
+own file (or DICOM folder) is followed: ``med3d new-dataset`` links the user's files that way
+rather than copy them. Case ids become output file names (cache, predictions), so one that is not
+a plain file name (``..``, a separator, NUL, an absolute path) is refused when the dataset is read.
 
 A ``label_map`` (in dataset.json, med3d's own key, or in the config) keeps some structures of the
 label files and makes the rest background; each case carries its value table, applied on reading.
@@ -19,10 +22,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..errors import Med3DError
+from ..paths import safe_name
 from .image import Image, list_images, read_image, strip_suffix
 from .labelmap import LabelMapSpec, apply_table, resolve_label_map
 
 PathLike = Union[str, Path]
+NO_TRAINING_CASES = "no training cases found"  # a problem for training, not for predicting the test cases
 
 
 @dataclass
@@ -71,11 +76,18 @@ class DatasetInfo:
         return max(self.labels) + 1
 
 
-def _inside(root: Path, rel: str, where: str, problems: List[str]) -> Optional[Path]:
+def _inside(root: Path, rel: Any, where: str, problems: List[str]) -> Optional[Path]:
     """Resolve ``rel`` against ``root``; record a problem and return None if it escapes or is missing."""
-    # Lexically, not through symlinks: a link placed inside the root is the user's choice.
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        problems.append(f"{root / 'dataset.json'}: {where} is {rel!r}, not a relative file path; give the path "
+                        "of a file inside the dataset folder")
+        return None
     path = Path(os.path.normpath(root.absolute() / rel))
-    if not path.is_relative_to(Path(os.path.normpath(root.absolute()))):
+    # The folders on the way are resolved (a linked folder must not lead out of the root); the entry's own
+    # file may be a link, which is how new-dataset refers to the user's scans without copying them.
+    real_root = Path(os.path.realpath(root))
+    if not path.is_relative_to(Path(os.path.normpath(root.absolute()))) or \
+            not Path(os.path.realpath(path.parent)).is_relative_to(real_root):
         problems.append(f"{root / 'dataset.json'}: {where} '{rel}' points outside the dataset root; "
                         "keep every file inside the dataset folder")
         return None
@@ -98,6 +110,9 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 
 def _int_labels(raw: Dict[str, Any], path: Path, name_to_value: bool) -> Dict[int, str]:
+    if not isinstance(raw, dict) or not raw:
+        raise Med3DError(f"{path}: 'labels' must map label values to names (Decathlon) or names to values "
+                         f"(nnU-Net), found {type(raw).__name__}")
     labels: Dict[int, str] = {}
     for key, value in raw.items():
         number, name = (value, key) if name_to_value else (key, value)
@@ -119,31 +134,52 @@ def _require_keys(meta: Dict[str, Any], keys: Sequence[str], path: Path, layout:
             raise Med3DError(f"{path}: missing key '{key}' for the {layout} layout")
 
 
-def _by_index(mapping: Dict[str, Any]) -> List[str]:
+def _by_index(mapping: Any, path: Union[Path, str] = "dataset.json", key: str = "modality") -> List[str]:
     """Values of a ``{"0": ..., "1": ...}`` mapping in index order (channel names)."""
+    if not isinstance(mapping, dict) or not mapping:
+        raise Med3DError(f"{path}: '{key}' must map channel numbers to names, e.g. {{\"0\": \"CT\"}}")
+    bad = [k for k in mapping if not str(k).isdigit()]
+    if bad:
+        raise Med3DError(f"{path}: '{key}' key {bad[0]!r} is not a channel number; number the channels "
+                         "\"0\", \"1\", ...")
+    if sorted(int(k) for k in mapping) != list(range(len(mapping))):
+        raise Med3DError(f"{path}: '{key}' numbers the channels {sorted(int(k) for k in mapping)}; number them "
+                         "0..N-1 without gaps")
     return [str(mapping[k]) for k in sorted(mapping, key=int)]
+
+
+def _case_id(name: str, path: Path, where: str) -> str:
+    """A case id that can become an output file name, or one line naming where it came from."""
+    return safe_name(name, f"{path}: {where}")
+
+
+def _list(meta: Dict[str, Any], key: str, path: Path) -> List[Any]:
+    value = meta.get(key, [])
+    if not isinstance(value, list):
+        raise Med3DError(f"{path}: '{key}' must be a list of entries, found {type(value).__name__}")
+    return value
 
 
 def _read_msd(root: Path, meta: Dict[str, Any]) -> DatasetInfo:
     path = root / "dataset.json"
     _require_keys(meta, ("modality", "labels", "training"), path, "Decathlon")
-    channels = _by_index(meta["modality"])
+    channels = _by_index(meta["modality"], path, "modality")
     problems: List[str] = []
     cases = []
-    for i, entry in enumerate(meta["training"]):
+    for i, entry in enumerate(_list(meta, "training", path)):
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             problems.append(f"{path}: training[{i}] needs 'image' and 'label'")
             continue
         image = _inside(root, entry["image"], f"training[{i}].image", problems)
         label = _inside(root, entry["label"], f"training[{i}].label", problems)
         if image and label:
-            cases.append(Case(strip_suffix(image), [image], label))
+            cases.append(Case(_case_id(strip_suffix(image), path, f"training[{i}].image"), [image], label))
     tests = []
-    for i, rel in enumerate(meta.get("test", [])):
-        rel = rel["image"] if isinstance(rel, dict) else rel
+    for i, rel in enumerate(_list(meta, "test", path)):
+        rel = rel.get("image") if isinstance(rel, dict) else rel
         image = _inside(root, rel, f"test[{i}]", problems)
         if image:
-            tests.append(Case(strip_suffix(image), [image]))
+            tests.append(Case(_case_id(strip_suffix(image), path, f"test[{i}]"), [image]))
     return DatasetInfo(str(meta.get("name") or root.name), root, "msd", channels,
                        _int_labels(meta["labels"], path, name_to_value=False), cases, tests, problems)
 
@@ -161,6 +197,7 @@ def _nnunet_cases(root: Path, folder: str, ending: str, n_ch: int, labels: bool,
             by_case.setdefault(m.group(1), {})[int(m.group(2))] = p
     cases = []
     for cid, files in sorted(by_case.items()):
+        safe_name(cid, f"{images_dir}: file name {files[min(files)].name!r}")
         missing = [c for c in range(n_ch) if c not in files]
         if missing:
             problems.append(f"{images_dir / f'{cid}_{missing[0]:04d}{ending}'}: channel file missing for case "
@@ -179,13 +216,22 @@ def _nnunet_cases(root: Path, folder: str, ending: str, n_ch: int, labels: bool,
 def _read_nnunet(root: Path, meta: Dict[str, Any]) -> DatasetInfo:
     path = root / "dataset.json"
     _require_keys(meta, ("channel_names", "labels", "file_ending"), path, "nnU-Net v2")
-    channels = _by_index(meta["channel_names"])
-    ending = str(meta["file_ending"])
+    channels = _by_index(meta["channel_names"], path, "channel_names")
+    ending = meta["file_ending"]
+    if not isinstance(ending, str) or not re.fullmatch(r"(\.[A-Za-z0-9]+)+", ending):
+        raise Med3DError(f"{path}: 'file_ending' is {ending!r}; give the image files' suffix, e.g. \".nii.gz\"")
     problems: List[str] = []
     if "dataset" in meta:  # explicit file lists (nnU-Net's dataset.json 'dataset' key)
+        if not isinstance(meta["dataset"], dict):
+            raise Med3DError(f"{path}: 'dataset' must map case ids to their files, found "
+                             f"{type(meta['dataset']).__name__}")
         cases = []
         for cid, entry in sorted(meta["dataset"].items()):
-            imgs = [_inside(root, rel, f"dataset.{cid}.images", problems) for rel in entry.get("images", [])]
+            _case_id(cid, path, "dataset key")
+            if not isinstance(entry, dict) or not isinstance(entry.get("images"), list) or "label" not in entry:
+                problems.append(f"{path}: dataset.{cid} needs 'images' (a list of files) and 'label'")
+                continue
+            imgs = [_inside(root, rel, f"dataset.{cid}.images", problems) for rel in entry["images"]]
             label = _inside(root, entry["label"], f"dataset.{cid}.label", problems)
             if label and imgs and all(imgs):
                 cases.append(Case(cid, imgs, label))  # type: ignore[arg-type]
@@ -253,10 +299,20 @@ def read_dataset(root: PathLike, label_map: Optional[LabelMapSpec] = None) -> Da
             raise Med3DError(f"{root / 'dataset.json'}: 'label_map' must map names to label values")
         apply_label_map(info, meta["label_map"], f"{root / 'dataset.json'}: label_map")
     if not info.cases and not info.problems:
-        info.problems.append(f"{root}: no training cases found")
+        info.problems.append(f"{root}: {NO_TRAINING_CASES}")
     return info
 
 
 def cases_from_folder(folder: PathLike) -> List[Case]:
-    """Unlabelled cases from a plain folder of images (one file or DICOM folder per case)."""
-    return [Case(strip_suffix(p), [p]) for p in list_images(folder)]
+    """Unlabelled cases from a plain folder of images (one file or DICOM folder per case).
+
+    Args:
+        folder: the folder.
+
+    Returns:
+        One case per image file or DICOM folder, named after it.
+
+    Raises:
+        Med3DError: a name that cannot be an output file name (see ``med3d.paths.safe_name``).
+    """
+    return [Case(safe_name(strip_suffix(p), str(p)), [p]) for p in list_images(folder)]

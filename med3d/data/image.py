@@ -5,12 +5,26 @@ One in-memory form for every file type: ``Image(array, geometry)`` with the arra
 LPS convention (spacing, origin and direction in x, y, z order). NIfTI goes through nibabel
 (4D files hold the channels, as in the Decathlon); NRRD, MHA/MHD and DICOM series folders go
 through SimpleITK. Any failure to read becomes one ``Med3DError`` line naming the file.
+
+Before the voxels are read (decompressed, allocated), the header is checked:
+
+* its geometry: a NaN or infinite affine, zero or negative spacing, or a singular direction is
+  refused, since every later step (resampling, restoring predictions) would place voxels wrongly;
+* its declared size: voxels x bytes per voxel must stay under ``max_image_bytes()``, half the
+  machine's physical memory unless the environment variable ``MED3D_MAX_IMAGE_GB`` (gigabytes of
+  2**30 bytes, e.g. ``MED3D_MAX_IMAGE_GB=64``) says otherwise, so a crafted or mistaken header
+  is refused in one line instead of exhausting memory;
+* a DICOM folder must hold one series (or the one chosen by ``series``, a SeriesInstanceUID),
+  evenly spaced with no missing, duplicate or unreadable slice: otherwise the reader would
+  return a shorter or distorted volume without a word.
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -22,6 +36,8 @@ NIFTI = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 # NIfTI stores RAS+ world coordinates, ITK LPS+: the first two world axes change sign.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+MAX_IMAGE_GB_ENV = "MED3D_MAX_IMAGE_GB"
+_GIB = 2 ** 30
 
 
 @dataclass(frozen=True)
@@ -98,7 +114,8 @@ def is_nifti(path: PathLike) -> bool:
 
 
 def _geometry_from_ras(affine: np.ndarray, shape_xyz: Sequence[int]) -> Geometry:
-    lps = _RAS_TO_LPS @ np.asarray(affine, dtype=np.float64)[:3]
+    with np.errstate(invalid="ignore"):  # a NaN affine is refused by check_geometry, with the file's name
+        lps = _RAS_TO_LPS @ np.asarray(affine, dtype=np.float64)[:3]
     spacing = np.linalg.norm(lps[:, :3], axis=0)
     direction = lps[:, :3] / np.where(spacing > 0, spacing, 1.0)[None, :]
     return Geometry(shape=tuple(int(s) for s in reversed(shape_xyz[:3])),  # type: ignore[arg-type]
@@ -107,10 +124,73 @@ def _geometry_from_ras(affine: np.ndarray, shape_xyz: Sequence[int]) -> Geometry
                     direction=tuple(float(d) for d in direction.reshape(-1)))
 
 
-def _read_nifti(path: Path, dtype: np.dtype | None) -> Image:
+def max_image_bytes() -> int:
+    """The largest image (declared voxels x bytes per voxel) med3d reads.
+
+    Returns:
+        ``MED3D_MAX_IMAGE_GB`` gigabytes (2**30 bytes) when set, else half the physical memory.
+
+    Raises:
+        Med3DError: ``MED3D_MAX_IMAGE_GB`` is not a positive number.
+    """
+    raw = os.environ.get(MAX_IMAGE_GB_ENV)
+    if raw is None or not raw.strip():
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
+    try:
+        gb = float(raw)
+    except ValueError:
+        gb = float("nan")
+    if not np.isfinite(gb) or gb <= 0:
+        raise Med3DError(f"{MAX_IMAGE_GB_ENV}={raw!r}: not a positive number of gigabytes; set it e.g. to 16, "
+                         "or unset it for half the physical memory")
+    return int(gb * _GIB)
+
+
+def _check_size(path: Path, shape: Sequence[int], itemsize: int, what: str) -> None:
+    """Refuse an image whose declared size exceeds the limit, before anything is allocated."""
+    nbytes = int(np.prod([int(s) for s in shape], dtype=np.float64)) * int(itemsize)
+    limit = max_image_bytes()
+    if nbytes > limit:
+        dims = "x".join(str(int(s)) for s in shape)
+        raise Med3DError(f"{path}: header declares {dims} voxels of {what} ({nbytes / _GIB:.3g} GB), over the "
+                         f"limit of {limit / _GIB:.3g} GB; if the file is right and the memory is there, raise "
+                         f"the limit with {MAX_IMAGE_GB_ENV}=<gigabytes>")
+
+
+def check_geometry(geometry: Geometry, where: str) -> None:
+    """Refuse a grid that cannot place voxels in space: non-finite values, spacing <= 0, singular direction.
+
+    Args:
+        geometry: the grid as the header states it.
+        where: the file, for the message.
+
+    Raises:
+        Med3DError: naming what is wrong.
+    """
+    spacing, origin = np.asarray(geometry.spacing, float), np.asarray(geometry.origin, float)
+    direction = np.asarray(geometry.direction, float).reshape(3, 3)
+    if not (np.isfinite(spacing).all() and np.isfinite(origin).all() and np.isfinite(direction).all()):
+        what = "a NaN or infinite affine / spacing / origin"
+    elif (spacing <= 0).any():
+        what = f"spacing {_fmt(spacing)} mm is not positive"
+    elif abs(np.linalg.det(direction)) < 1e-3:  # axes (nearly) parallel: voxels collapse onto a plane
+        what = "a singular affine (its voxel axes are parallel or zero)"
+    else:
+        return
+    raise Med3DError(f"{where}: the header's geometry is invalid ({what}); fix the file's affine / spacing "
+                     "(e.g. export it again from the scanner software) before using it")
+
+
+def _read_nifti(path: Path, dtype: np.dtype | None, header_only: bool = False) -> Optional[Image]:
     import nibabel as nib
 
-    img = nib.load(str(path))
+    img = nib.load(str(path))  # the header only: the voxels are read below
+    check_geometry(_geometry_from_ras(img.affine, (*img.shape, 1, 1)[:3]), str(path))
+    disk, want = img.get_data_dtype(), np.dtype(dtype or img.get_data_dtype())
+    _check_size(path, img.shape, max(disk.itemsize, want.itemsize),
+                str(disk) if want.itemsize <= disk.itemsize else f"{disk}, read as {want}")
+    if header_only:
+        return None
     data = np.asarray(img.dataobj) if dtype is None else np.asarray(img.dataobj, dtype=dtype)
     if data.ndim == 3:
         data = data[None]
@@ -131,34 +211,116 @@ def _sitk_geometry(img) -> Geometry:
                     origin=tuple(img.GetOrigin()), direction=tuple(img.GetDirection()))
 
 
-def _read_sitk(path: Path, dtype: np.dtype | None) -> Image:
+def _pixel_bytes(reader) -> Tuple[int, str]:
+    """Bytes per voxel (all components) and the pixel type's name, from a reader's header."""
+    import SimpleITK as sitk
+
+    name = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    bits = re.search(r"(\d+)-bit", name)
+    size = (int(bits.group(1)) // 8 if bits else 8) * (2 if "complex" in name else 1)
+    return size * max(1, reader.GetNumberOfComponents()), name
+
+
+def _header_reader(path: str):
+    """An ``ImageFileReader`` that has read ``path``'s header (no voxels)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return reader
+
+
+def _read_sitk(path: Path, dtype: np.dtype | None, series: Optional[str] = None,
+               header_only: bool = False) -> Optional[Image]:
     import SimpleITK as sitk
 
     if path.is_dir():
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))
-        if not files:
-            raise Med3DError(f"{path}: folder holds no DICOM series; give an image file or a DICOM series folder")
+        from .dicom import series_files
+
+        files = series_files(path, series)
+        head = _header_reader(files[0])
+        size = (*head.GetSize()[:2], len(files))
+        itemsize, pixel = _pixel_bytes(head)
+        _check_size(path, tuple(reversed(size)), max(itemsize, np.dtype(dtype or np.uint8).itemsize), pixel)
+        if header_only:
+            return None
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
         img = reader.Execute()
     else:
-        img = sitk.ReadImage(str(path))
+        if series is not None and str(path).lower().endswith(".dcm"):
+            raise Med3DError(f"{path}: --series chooses a series in a DICOM folder; give the folder")
+        head = _header_reader(str(path))
+        if head.GetDimension() != 3:
+            raise Med3DError(f"{path}: a {head.GetDimension()}D image; med3d needs 3D volumes")
+        check_geometry(_sitk_geometry(head), str(path))
+        itemsize, pixel = _pixel_bytes(head)
+        _check_size(path, tuple(reversed(head.GetSize())), max(itemsize, np.dtype(dtype or np.uint8).itemsize),
+                    pixel)
+        if header_only:
+            return None
+        img = head.Execute()
+    check_geometry(_sitk_geometry(img), str(path))
     if img.GetDimension() != 3:
         raise Med3DError(f"{path}: a {img.GetDimension()}D image; med3d needs 3D volumes")
-    arr = sitk.GetArrayFromImage(img)  # (Z, Y, X) or (Z, Y, X, C) for vector images
+    # One copy out of ITK's buffer, converted on the way: GetArrayFromImage then astype would hold
+    # ITK's buffer, its copy and the converted array at once.
+    view = sitk.GetArrayViewFromImage(img)  # (Z, Y, X) or (Z, Y, X, C) for vector images; valid while img lives
+    arr = view.astype(dtype or view.dtype)  # always a copy, so it outlives img
+    del view
     arr = np.moveaxis(arr, 3, 0) if arr.ndim == 4 else arr[None]
-    if dtype is not None:
-        arr = arr.astype(dtype, copy=False)
     return Image(np.ascontiguousarray(arr), _sitk_geometry(img))
 
 
-def read_image(path: PathLike, dtype: np.dtype | None = None) -> Image:
-    """Read one image file or DICOM series folder as ``Image`` (array ``(C, Z, Y, X)``)."""
-    path = Path(path)
+def read_image(path: PathLike, dtype: np.dtype | None = None, series: Optional[str] = None) -> Image:
+    """Read one image file or DICOM series folder as ``Image`` (array ``(C, Z, Y, X)``).
+
+    Args:
+        path: the file, or a folder of one DICOM series.
+        dtype: array dtype to read as (None: as stored).
+        series: the SeriesInstanceUID to read from a DICOM folder holding several.
+
+    Returns:
+        The image.
+
+    Raises:
+        Med3DError: the file is missing, damaged, not 3D, its geometry invalid, its declared size over
+            ``max_image_bytes()``, or a DICOM folder's series incomplete, uneven or ambiguous.
+    """
+    image = _read(Path(path), dtype, series, header_only=False)
+    if image is None:  # _read returns None only for header_only
+        raise Med3DError(f"{path}: cannot be read")
+    if min(image.array.shape[1:]) < 2:
+        raise Med3DError(f"{path}: a 2D image (shape {image.array.shape[1:]}); med3d needs 3D volumes")
+    return image
+
+
+def inspect_image(path: PathLike, dtype: np.dtype | None = np.float32, series: Optional[str] = None) -> None:
+    """Check an image's header as ``read_image`` does (geometry, declared size, DICOM series), reading no voxels.
+
+    ``predict`` calls it on its inputs before loading the model, so that a run none of whose inputs
+    could be read is refused before any work.
+
+    Args:
+        path: the file, or a folder of one DICOM series.
+        dtype: the dtype it will be read as (counts for the size limit).
+        series: as for ``read_image``.
+
+    Raises:
+        Med3DError: as ``read_image``, for what the header shows.
+    """
+    _read(Path(path), dtype, series, header_only=True)
+
+
+def _read(path: Path, dtype: np.dtype | None, series: Optional[str], header_only: bool) -> Optional[Image]:
+    """``_read_nifti`` or ``_read_sitk``, with every failure turned into one line naming the file."""
     if not path.exists():
         raise Med3DError(f"{path}: file not found; check the path (and the dataset.json entry naming it)")
     try:
-        image = _read_nifti(path, dtype) if is_nifti(path) else _read_sitk(path, dtype)
+        if is_nifti(path):
+            return _read_nifti(path, dtype, header_only)
+        return _read_sitk(path, dtype, series, header_only)
     except Med3DError:
         raise
     except MemoryError:
@@ -167,14 +329,24 @@ def read_image(path: PathLike, dtype: np.dtype | None = None) -> Image:
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise Med3DError(f"{path}: cannot be read ({reason}); the file is damaged or truncated, "
                          "re-export or re-download it")
-    if min(image.array.shape[1:]) < 2:
-        raise Med3DError(f"{path}: a 2D image (shape {image.array.shape[1:]}); med3d needs 3D volumes")
-    return image
 
 
-def read_channels(paths: Sequence[PathLike], dtype: np.dtype | None = np.float32) -> Image:
-    """Read one file per channel (nnU-Net layout) or one multi-channel file; check they share a grid."""
-    images = [read_image(p, dtype) for p in paths]
+def read_channels(paths: Sequence[PathLike], dtype: np.dtype | None = np.float32,
+                  series: Optional[str] = None) -> Image:
+    """Read one file per channel (nnU-Net layout) or one multi-channel file; check they share a grid.
+
+    Args:
+        paths: the channel files (or DICOM folders).
+        dtype: array dtype to read as (None: as stored).
+        series: the SeriesInstanceUID to read from DICOM folders (see ``read_image``).
+
+    Returns:
+        The channels stacked on one grid.
+
+    Raises:
+        Med3DError: as ``read_image``, or the channels' grids differ.
+    """
+    images = [read_image(p, dtype, series) for p in paths]
     first = images[0]
     for path, img in zip(paths[1:], images[1:]):
         diff = first.geometry.matches(img.geometry)

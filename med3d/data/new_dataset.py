@@ -20,6 +20,7 @@ import numpy as np
 
 from ..atomic import write_json_atomic
 from ..errors import Med3DError
+from ..paths import safe_name
 from .image import image_suffix, list_images, read_image, strip_suffix
 from .labelmap import resolve_label_map
 
@@ -47,7 +48,7 @@ def _by_case(folder: Path, what: str, skip: Sequence[Path] = ()) -> Dict[str, Pa
     for path in list_images(folder):
         if path.is_dir() and (path.resolve() in skip or (path / "dataset.json").is_file()):
             continue  # the labels or dataset folder kept among the scans is no DICOM series
-        case = _CHANNEL_SUFFIX.sub("", _stem(path))
+        case = safe_name(_CHANNEL_SUFFIX.sub("", _stem(path)), str(path))  # becomes the link's file name
         if case in out:
             raise Med3DError(f"{path}: a second {what} file for case {case} (also {out[case].name}); keep one "
                              "file per case")

@@ -238,6 +238,27 @@ def _ct_entry(info: DatasetInfo, fp: Dict[str, Any], ch: int, window: Optional[S
             "std": max(stats["std"], 1e-6)}
 
 
+def label_numbering_problem(info: DatasetInfo) -> Optional[str]:
+    """Why the dataset's labels cannot be trained on as they are numbered, or None when they are 0..K-1.
+
+    The network has one output per class, numbered 0..K-1: a declared set such as {0, 1, 5} or
+    {0, 200} would give label 5 (or 200) no output and fail the loss at step 1, and a negative value
+    has none at all. A label map renumbers the structures to keep.
+
+    Args:
+        info: the dataset (its labels after any label mapping).
+
+    Returns:
+        The problem as one line naming dataset.json and the labels, or None.
+    """
+    values = sorted(info.labels)
+    if values == list(range(len(values))):
+        return None
+    return (f"{info.root / 'dataset.json'}: labels {values[:12]}{' ...' if len(values) > 12 else ''} are not "
+            "numbered 0..N without gaps, which training needs; add a label_map that names the structures to keep "
+            "(med3d new-dataset --labels liver=5 ..., or data.datasets.<task>.label_map in the config)")
+
+
 def make_plan(info: DatasetInfo, fp: Dict[str, Any], descriptor: Optional[Dict[str, Any]] = None,
               spacing: Optional[Sequence[float]] = None,
               normalization: Optional[Sequence[str]] = None,
@@ -256,8 +277,11 @@ def make_plan(info: DatasetInfo, fp: Dict[str, Any], descriptor: Optional[Dict[s
         The plan (``warnings`` lists what the user should know, e.g. statistics from few scans).
 
     Raises:
-        Med3DError: an override is malformed.
+        Med3DError: an override is malformed, or the labels are not numbered 0..K-1.
     """
+    numbering = label_numbering_problem(info)  # also when check-data was skipped (data.check: false)
+    if numbering:
+        raise Med3DError(numbering)
     descriptor = descriptor or {}
     ct_window = ct_window if ct_window is not None else descriptor.get("ct_window")
     spacing_zyx, aniso_axis = target_spacing(fp)

@@ -128,8 +128,9 @@ class TaskData:
     plan: Dict[str, Any]
     channels: Optional[List[int]] = None  # None: all channels
     loss_weight: float = 1.0
-    kind: str = "segmentation"  # or "classification"
+    kind: str = "segmentation"  # or "classification", or a self-supervised kind ("restore", "contrastive")
     class_balance: bool = True  # classification: each class drawn equally often
+    corruption: Any = None  # restore: its ``CorruptionRates`` (None: Models Genesis' defaults)
 
 
 class MixSchedule:
@@ -165,6 +166,19 @@ class PatchBatches(Dataset):
         self.class_pools = {t.name: [[c for c in t.cases if c.label == label]
                                      for label in sorted({c.label for c in t.cases})]
                             for t in self.tasks if t.kind == "classification"}
+        self.views = None  # contrastive tasks' view augmentations, made on first use
+
+    def ssl_item(self, task: TaskData, rng: np.random.Generator) -> Dict[str, Any]:
+        """A self-supervised micro-batch (``med3d.ssl.views.ssl_batch``): inputs, and the targets to restore
+        or the scan index of each contrastive view."""
+        from ..ssl.corruptions import CorruptionRates
+        from ..ssl.views import ssl_batch, view_transform  # imported here: ssl.views itself uses crop_patch
+
+        if task.kind == "contrastive" and self.views is None:
+            self.views = view_transform(self.patch_size)
+        return ssl_batch(task.kind, task.cases, lambda c: self.reader.get(c)[0], self.patch_size,
+                         self.micro_batch, rng, task.corruption or CorruptionRates(), self.views,
+                         self.augment, task.channels)
 
     def __len__(self) -> int:  # items are generated on demand; the sampler decides how many
         return 2 ** 62
@@ -200,6 +214,10 @@ class PatchBatches(Dataset):
         step, slot = key
         task = self.tasks[self.schedule.task_index(step)]
         rng = np.random.default_rng([self.seed, step, slot])
+        if task.kind in ("restore", "contrastive"):
+            batch = self.ssl_item(task, rng)
+            return {**batch, "task": task.name, "step": step, "slot": slot,
+                    "forced_fg": torch.zeros(len(batch["image"]), dtype=torch.bool)}
         images, labels, forced = [], [], []
         for _ in range(self.micro_batch):
             img, lab, f = self.sample(task, rng)

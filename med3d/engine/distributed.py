@@ -8,11 +8,14 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any, Callable, List, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from ..errors import Med3DError
+
+T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 1800  # a collective waiting longer than this means a rank died or hangs
 
 
@@ -80,6 +83,36 @@ def gather_objects(info: DistInfo, obj: Any) -> List[Any]:
     out: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def main_decides(info: DistInfo, action: Callable[[], T]) -> Optional[T]:
+    """Run ``action`` on rank 0 only; when it refuses, every rank raises the same one-line error.
+
+    For what must happen once per job (the run folder's lock, clearing an old run): rank 0 acts, and
+    the others learn its outcome instead of waiting for it in a later collective until the timeout.
+
+    Args:
+        info: this process's place in the job.
+        action: what rank 0 does.
+
+    Returns:
+        ``action``'s result on rank 0, None on the other ranks.
+
+    Raises:
+        Med3DError: ``action`` raised it on rank 0 (on every rank, with rank 0's message).
+    """
+    result, failure = None, None
+    if info.is_main:
+        try:
+            result = action()
+        except Exception as err:  # noqa: BLE001 - told to the other ranks, then raised as it was
+            failure = err
+    refusal = gather_objects(info, None if failure is None else str(failure))[0]
+    if failure is not None:
+        raise failure
+    if refusal is not None:
+        raise Med3DError(refusal)
+    return result
 
 
 def cleanup(info: DistInfo) -> None:

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..atomic import write_text_atomic
+from ..errors import Med3DError
 from ..plotting import pyplot, save_png
 
 
@@ -26,8 +28,12 @@ class RunLogger:
     def log(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk mid-run: one line naming the file, like every other write
+            raise Med3DError(f"{self.path}: cannot append the run's metrics ({err.strerror}); free some space "
+                             "and continue the run with --resume") from err
         if self.tb is not None:
             step = record.get("iteration", 0)
             for key, value in _flatten(record).items():
@@ -50,10 +56,37 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def _records(text: str) -> List[Dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill mid-write: it was never a record
+            continue
+    return out
+
+
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (a line cut short by a killed run is skipped)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in _records(path.read_text()) if isinstance(r, dict)]
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the records up to iteration ``step`` of a run about to resume from ``step`` (rewritten atomically).
+
+    A run killed after its last checkpoint logged iterations that the resumed run repeats; without
+    this they would be in the file twice, and a line cut short by the kill would run into the next.
+
+    Args:
+        path: the run's ``metrics.jsonl`` (absent: nothing to do).
+        step: the iteration the run resumes from.
+    """
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(path) if int(r.get("iteration", 0)) <= step]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:

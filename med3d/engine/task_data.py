@@ -6,9 +6,13 @@ plan, preprocess; a no-op when it is current); under torchrun every rank only ch
 preprocessing. Each dataset is then split into training and held-out cases: one cross-validation
 fold (``med3d.data.splits``), named validation cases, the dataset's own validation split, or a
 seeded hold-out; ``split.json`` in the run folder records the case ids each side got.
+
+Self-supervised tasks (``restore``, ``contrastive`` heads) read their dataset as unlabelled
+(``med3d.data.unlabelled``): a folder of images, or a dataset folder's images with labels withheld.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field, replace
@@ -25,10 +29,12 @@ from ..data.classification import (is_classification_dataset, read_classificatio
                                    require_valid_classification)
 from ..data.datalist import read_dataset
 from ..data.sampler import TaskData
+from ..data.unlabelled import case_ids, check_unlabelled, prepare_unlabelled
+from ..ssl.corruptions import CorruptionRates
 from ..data.splits import (DEFAULT_FOLDS, Fold, groups_on_both_sides, make_folds, read_groups,
                            read_splits)
 from ..errors import Med3DError
-from ..tasks import kind_for_head
+from ..tasks import SELF_SUPERVISED, kind_for_head
 from .distributed import DistInfo
 
 log = logging.getLogger("med3d.train")
@@ -57,6 +63,13 @@ def check_tasks(cfg: Config) -> None:
                              f"(heads: {', '.join(heads) or 'none'}); add one or rename the dataset entry")
         if not Path(entry.path).exists():
             raise Med3DError(f"data.datasets.{task}.path: dataset {entry.path} not found")
+        if is_self_supervised(cfg, task):
+            _check_unlabelled(cfg, task)
+            continue
+        for key in ("images", "modality"):
+            if getattr(entry, key) is not None:
+                raise Med3DError(f"data.datasets.{task}.{key}: only self-supervised tasks (restore, contrastive "
+                                 f"heads) read unlabelled images; task {task} has a '{heads[task].type}' head")
         _check_kind(task, entry.path, heads[task].type)
         if entry.descriptor and not Path(entry.descriptor).is_file():
             raise Med3DError(f"data.datasets.{task}.descriptor: {entry.descriptor} not found")
@@ -68,6 +81,24 @@ def check_tasks(cfg: Config) -> None:
 def is_classification(cfg: Config, task: str) -> bool:
     """Whether ``task``'s head is trained as an image-level classifier."""
     return kind_for_head(cfg.model.heads[task].type, f"model.heads.{task}.type").name == "classification"
+
+
+def is_self_supervised(cfg: Config, task: str) -> bool:
+    """Whether ``task``'s head learns from unlabelled images (``restore``, ``contrastive``)."""
+    return kind_for_head(cfg.model.heads[task].type, f"model.heads.{task}.type").name in SELF_SUPERVISED
+
+
+def _check_unlabelled(cfg: Config, task: str) -> None:
+    """A self-supervised task's dataset is a folder of images or a segmentation dataset folder (the config
+    loader has checked the ranges of ``data.restore`` and ``train.contrastive_temperature``).
+
+    Raises:
+        Med3DError: naming the key at fault.
+    """
+    path = cfg.data.datasets[task].path
+    if is_classification_dataset(path) or not Path(path).is_dir():
+        raise Med3DError(f"data.datasets.{task}.path: {path} is not a folder of images or a segmentation dataset "
+                         "folder; a self-supervised task learns from unlabelled 3D images")
 
 
 def _check_kind(task: str, path: str, head_type: str) -> None:
@@ -313,6 +344,11 @@ def ensure_prepared(cfg: Config, prepare: bool, progress: bool = True) -> Dict[s
         if is_classification(cfg, task):
             folders[task] = _prepare_classes(entry, cfg.data.cache_dir, prepare, cfg.data.check, progress)
             continue
+        if is_self_supervised(cfg, task):
+            folders[task] = prepare_unlabelled(entry, cfg.data.cache_dir, cfg.data.workers, progress, cfg.data.check,
+                                               f"data.datasets.{task}") if prepare \
+                else check_unlabelled(entry, cfg.data.cache_dir)
+            continue
         overrides = dict(descriptor=entry.descriptor, spacing=entry.spacing, normalization=entry.normalization,
                          label_map=entry.label_map, ct_window=entry.ct_window)
         if not prepare:
@@ -364,6 +400,41 @@ def _class_task(cfg: Config, task: str, folder: Path, setup: DataSetup) -> TaskD
                     class_balance=cfg.data.class_balance)
 
 
+def _ssl_task(cfg: Config, task: str, folder: Path, setup: DataSetup, world: int) -> TaskData:
+    """One self-supervised task: its unlabelled cached scans, split like a segmentation dataset's.
+
+    Raises:
+        Med3DError: a restore head's channels do not match the task's input, or a contrastive task's
+            micro-batch holds fewer than two scans (it would have no negatives).
+    """
+    entry, head = cfg.data.datasets[task], cfg.model.heads[task]
+    plan, cases = load_cache(folder, case_ids(entry))
+    n_ch = len(plan["channel_names"])
+    chosen = _channels(cfg, task, n_ch)
+    if chosen is None and n_ch != cfg.model.encoder.in_channels:
+        setup.adapters[task] = n_ch
+    fed = len(chosen) if chosen is not None else n_ch
+    if head.type == "restore" and head.num_classes != fed:
+        raise Med3DError(f"model.heads.{task}.num_classes is {head.num_classes} but a restore head reconstructs "
+                         f"the {fed} channel(s) task {task} feeds; set it to {fed}")
+    micro = cfg.train.batch_size / (world * cfg.train.accumulate)
+    if head.type == "contrastive" and micro < 2:
+        raise Med3DError(f"task {task}: a contrastive task compares the scans of a micro-batch, but train.batch_size "
+                         f"{cfg.train.batch_size} over {world} rank(s) x {cfg.train.accumulate} accumulation step(s) "
+                         "gives fewer than 2; raise train.batch_size")
+    if head.type == "contrastive" and head.num_classes < 16:
+        log.warning("model.heads.%s.num_classes is %d: a contrastive projection that small separates few scans; "
+                    "128 is usual", task, head.num_classes)
+    train, held, how, setup.folds = choose_split(cases, cfg, task, classify=False)
+    setup.splits[task] = split_record(train, held, how)
+    setup.channels[task] = chosen
+    kind = kind_for_head(head.type, f"model.heads.{task}.type").name
+    setup.plans[task] = {**plan, "channels": chosen, "kind": kind}  # tells later tools this head is no predictor
+    setup.val[task] = held
+    rates = CorruptionRates(**dataclasses.asdict(cfg.data.restore))
+    return TaskData(task, train, plan, chosen, entry.loss_weight, kind=kind, corruption=rates)
+
+
 def setup_data(cfg: Config, info: DistInfo, progress: bool = True) -> DataSetup:
     """Make sure every dataset is prepared, then build tasks and the validation split on every rank.
 
@@ -385,6 +456,9 @@ def setup_data(cfg: Config, info: DistInfo, progress: bool = True) -> DataSetup:
     for task, entry in cfg.data.datasets.items():
         if is_classification(cfg, task):
             tasks.append(_class_task(cfg, task, folders[task], setup))
+            continue
+        if is_self_supervised(cfg, task):
+            tasks.append(_ssl_task(cfg, task, folders[task], setup, info.world))
             continue
         declared = [c.case_id for c in read_dataset(entry.path).cases]
         plan, cases = load_cache(folders[task], declared)

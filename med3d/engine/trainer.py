@@ -27,14 +27,15 @@ from ..data.splits import write_splits
 from ..errors import Med3DError
 from ..atomic import write_json_atomic, write_text_atomic
 from ..models.multitask import MultiTaskModel
-from ..tasks import kind_for_head
+from ..tasks import kind_for_head, self_supervised_line
 from ..transfer.policies import init_state_dict
 from ..transfer.load import load_pretrained
 from .checkpoints import load_training, prune, publish_last, save_training, set_rng_state
-from .distributed import barrier, cleanup, init_distributed, mean_across
-from .logger import RunLogger, plot_curves
+from .distributed import barrier, cleanup, init_distributed, main_decides, mean_across
+from .logger import RunLogger, plot_curves, trim_metrics
 from .optim import build_optimizer, build_scheduler, check_stages, set_frozen
 from .resume import resume_config
+from .runlock import claim_run_folder
 from .task_data import DataSetup, check_split_keys, check_tasks, setup_data
 from .validation import run_validation
 
@@ -167,11 +168,13 @@ class Trainer:
         resume: a training checkpoint to continue from, or None.
         progress: show progress bars.
         tensorboard: also write TensorBoard events.
+        overwrite: replace a run already in ``run.out_dir`` (without it, or ``resume``, such a folder is refused).
     """
 
     def __init__(self, cfg: Config, job: str = "pretrain", resume: Optional[str] = None, progress: bool = True,
-                 tensorboard: bool = True) -> None:
-        self.cfg, self.job, self.resume_from = cfg, job, resume
+                 tensorboard: bool = True, overwrite: bool = False) -> None:
+        self.cfg, self.job, self.resume_from, self.overwrite = cfg, job, resume, overwrite
+        self.lock = None
         self.progress, self.tensorboard = progress, tensorboard
         self.state = TrainState()
 
@@ -209,6 +212,11 @@ class Trainer:
         cfg = self.cfg
         preflight(cfg, self.job)
         self.info = info = init_distributed()
+        # Before anything is written (the cache, the run files): one training per folder, never over an old run.
+        reads = [cfg.data.cache_dir, *(e.path for e in cfg.data.datasets.values()),
+                 *([cfg.finetune.weights] if self.job == "finetune" and cfg.finetune.weights else [])]
+        self.lock = main_decides(info, lambda: claim_run_folder(cfg.run.out_dir, resume=saved is not None,
+                                                                overwrite=self.overwrite, inputs=reads))
         torch.manual_seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
         if cfg.train.threads:
@@ -231,6 +239,8 @@ class Trainer:
         self.meta = {"job": self.job, "tasks": list(cfg.data.datasets), "plans": self.data.plans,
                      "patch_size": cfg.data.patch_size, "in_channels": cfg.model.encoder.in_channels}
         self.out = Path(cfg.run.out_dir)
+        if saved is not None and info.is_main:  # what was logged after the checkpoint is logged again from here
+            trim_metrics(self.out / "metrics.jsonl", self.state.step)
         self.logger = RunLogger(self.out, enabled=info.is_main, tensorboard=self.tensorboard)
         self.write_run_files(report)
         self.freeze_until_release()
@@ -484,10 +494,12 @@ class Trainer:
             self.logger.close()
         if getattr(self, "info", None) is not None:
             cleanup(self.info)
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
 
 
 def train(cfg: Config, job: str = "pretrain", resume: Optional[str] = None, progress: bool = True,
-          tensorboard: bool = True) -> Dict[str, Any]:
+          tensorboard: bool = True, overwrite: bool = False) -> Dict[str, Any]:
     """Run a training job (see ``Trainer``); returns the summary.
 
     Args:
@@ -496,6 +508,7 @@ def train(cfg: Config, job: str = "pretrain", resume: Optional[str] = None, prog
         resume: a training checkpoint to continue from.
         progress: show progress bars.
         tensorboard: also write TensorBoard events.
+        overwrite: replace a run already in ``run.out_dir`` (else such a folder is refused unless resuming).
 
     Returns:
         Best and final validation, timing, throughput and the validation history.
@@ -503,7 +516,7 @@ def train(cfg: Config, job: str = "pretrain", resume: Optional[str] = None, prog
     Raises:
         Med3DError: bad config or data, named in one line.
     """
-    return Trainer(cfg, job, resume, progress, tensorboard).run()
+    return Trainer(cfg, job, resume, progress, tensorboard, overwrite).run()
 
 
 def validation_line(res: Dict[str, Any]) -> str:
@@ -511,7 +524,8 @@ def validation_line(res: Dict[str, Any]) -> str:
     parts = []
     for task, entry in res["tasks"].items():
         metric = (f"Dice {entry['mean_dice']:.3f}" if "mean_dice" in entry
-                  else f"AUC {entry['auc']:.3f}, balanced accuracy {entry['balanced_accuracy']:.3f}")
+                  else f"AUC {entry['auc']:.3f}, balanced accuracy {entry['balanced_accuracy']:.3f}" if "auc" in entry
+                  else self_supervised_line(entry))
         parts.append(f"{task} {metric}")
     return f"score {res['score']:.3f} (" + "; ".join(parts) + ")"
 
@@ -531,6 +545,8 @@ def describe(summary: Dict[str, Any]) -> str:
     for task, entry in final["tasks"].items():
         if "dice" in entry:
             lines.append(f"  {task}: Dice " + ", ".join(f"{k} {v:.3f}" for k, v in entry["dice"].items()))
+        elif "auc" not in entry:
+            lines.append(f"  {task}: {self_supervised_line(entry)}")
         else:
             lines.append(f"  {task}: AUC {entry['auc']:.3f}, balanced accuracy {entry['balanced_accuracy']:.3f}, "
                          f"accuracy {entry['accuracy']:.3f} ({entry['cases']} held-out cases)")

@@ -16,6 +16,7 @@ import torch
 from ..atomic import write_json_atomic
 from ..data.image import Image
 from ..errors import Med3DError
+from ..values import check_prediction
 from .classify import ClassProbabilities, classify, network_region
 from .predictor import DEFAULT_PATCH, Prediction, Predictor
 from .restore import restore_labels, restore_probabilities
@@ -101,6 +102,7 @@ class Ensemble:
         Raises:
             Med3DError: the scan's channel count does not fit the task.
         """
+        check_prediction(image, overlap, sw_batch_size, where)
         task = self.task(task)
         x, props, plan = self.members[0].prepare(image, task, where)  # one plan: one prepared input for all
         amp = torch.bfloat16 if self.device.type == "cuda" else None

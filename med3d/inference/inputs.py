@@ -1,4 +1,8 @@
-"""What ``med3d predict`` was given, as ``(case_id, files)``: files, DICOM series, image or dataset folders."""
+"""What ``med3d predict`` was given, as ``(case_id, files)``: files, DICOM series, image or dataset folders.
+
+Case ids become output file names (``OUT/<case>.nii.gz``), so each must be a plain file name
+(``med3d.paths.safe_name``) and no two inputs may share one: the second output would replace the first.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,9 +19,15 @@ def collect_inputs(inputs: Sequence[PathLike]) -> List[Tuple[str, List[Path]]]:
 
     Returns:
         One entry per case, in the order given.
+
+    Raises:
+        Med3DError: a case id that is not a plain file name, two inputs with the same case id, or a dataset
+            folder with entries ``check-data`` reports (outside the root, missing).
     """
-    from ..data.datalist import cases_from_folder, read_dataset
+    from ..data.datalist import NO_TRAINING_CASES, cases_from_folder, read_dataset
     from ..data.image import strip_suffix
+    from ..errors import Med3DError
+    from ..paths import safe_name
 
     out: List[Tuple[str, List[Path]]] = []
     for raw in inputs:
@@ -26,20 +36,32 @@ def collect_inputs(inputs: Sequence[PathLike]) -> List[Tuple[str, List[Path]]]:
             out.append((path.name, [path]))
         elif path.is_dir() and (path / "dataset.json").is_file():
             info = read_dataset(path)
+            problems = [p for p in info.problems if not p.endswith(NO_TRAINING_CASES)]
+            if problems:  # an entry outside the root or missing: refused, not silently left out
+                raise Med3DError(f"{problems[0]} (run med3d check-data {path} for every problem)")
             out += [(c.case_id, list(c.images)) for c in info.test_cases or info.cases]
         elif path.is_dir() and _is_dicom_series(path):
-            out.append((path.name, [path]))
+            out.append((path.resolve().name, [path]))  # resolved: '.' or '..' name the folder they stand for
         elif path.is_dir():
             out += [(c.case_id, list(c.images)) for c in cases_from_folder(path)]
         else:
             out.append((strip_suffix(path), [path]))
+    seen: dict = {}
+    for case, files in out:
+        safe_name(case, str(files[0]))
+        if case in seen and seen[case].resolve() != files[0].resolve():  # the same scan twice is no clash
+            raise Med3DError(f"{files[0]}: same case name {case!r} as {seen[case]}; their outputs would replace "
+                             "each other, rename one or predict them into separate folders")
+        seen[case] = files[0]
     return out
 
 
 def _is_dicom_series(folder: Path) -> bool:
     import SimpleITK as sitk
 
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    from ..data.dicom import holds_dicom
+
+    return holds_dicom(folder) and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
 # case id, image files, ROI mask, ROI centre (world x, y, z mm, LPS)

@@ -17,9 +17,10 @@ from ..data.image import Geometry, Image, read_channels, strip_suffix
 from ..data.preprocess import preprocess
 from ..device import resolve_device
 from ..errors import Med3DError
+from ..values import check_prediction, check_scan
 from ..models.multitask import MultiTaskModel
 from .restore import restore_labels, restore_probabilities
-from .window import softmax_tta
+from .window import sliding_window, softmax_tta
 
 PathLike = Union[str, Path]
 DEFAULT_PATCH = [64, 64, 64]
@@ -78,9 +79,15 @@ class Predictor:
         if task is None:
             if len(tasks) != 1:
                 raise Med3DError(f"the checkpoint has tasks {', '.join(tasks)}; choose one with --task")
-            return tasks[0]
+            task = tasks[0]
         if task not in self.meta["plans"]:
             raise Med3DError(f"--task {task}: not in the checkpoint (tasks: {', '.join(tasks)})")
+        kind = self.meta["plans"][task].get("kind")
+        if kind in ("restore", "contrastive"):  # their heads reconstruct or embed: no labels to write
+            predictors = [t for t in tasks if self.meta["plans"][t].get("kind") not in ("restore", "contrastive")]
+            raise Med3DError(f"task {task}: a self-supervised '{kind}' head, which predicts no labels; choose a "
+                             f"segmentation or classification task with --task (this checkpoint's: "
+                             f"{', '.join(predictors) or 'none'}), or fine-tune its encoder first")
         return task
 
     def plan_for(self, image: Image, task: str, where: str) -> Dict[str, Any]:
@@ -139,13 +146,21 @@ class Predictor:
         Raises:
             Med3DError: the scan's channel count does not fit the task.
         """
+        check_prediction(image, overlap, sw_batch_size, where)  # the API's and CLI's values, before any work
         task = self.task(task)
         x, props, plan = self.prepare(image, task, where)
         amp = torch.bfloat16 if self.device.type == "cuda" else None
         patch = self.meta.get("patch_size") or DEFAULT_PATCH
-        probs = softmax_tta(self.model, x, task, patch, overlap, sw_batch_size, amp, mirror)[0].cpu().numpy()
-        labels = restore_labels(probs, props, plan)
-        full = restore_probabilities(probs, props, plan) if probabilities else None
+        if probabilities or mirror or props["resampled_shape"] != props["cropped_shape"]:
+            scores = softmax_tta(self.model, x, task, patch, overlap, sw_batch_size, amp, mirror)
+        else:
+            # Labels alone on the scan's own grid: the argmax of the logits is the argmax of the softmax,
+            # so the softmax pass over K volumes is skipped.
+            scores = sliding_window(self.model, x, task, patch, overlap, sw_batch_size, amp)
+        del x
+        scores = scores[0].cpu().numpy()
+        labels = restore_labels(scores, props, plan)
+        full = restore_probabilities(scores, props, plan) if probabilities else None
         return Prediction(labels, full, image.geometry, task)
 
 
@@ -170,6 +185,8 @@ def predict(model_or_checkpoint: Union[PathLike, Predictor], image: Union[PathLi
     predictor = model_or_checkpoint if isinstance(model_or_checkpoint, Predictor) \
         else Predictor.from_checkpoint(model_or_checkpoint)
     if not isinstance(image, Image):
+        if not isinstance(image, (str, Path, list, tuple)):  # e.g. a bare array: it has no geometry to predict in
+            check_scan(image)
         paths = [image] if isinstance(image, (str, Path)) else list(image)
         image = read_channels(paths)
         kw.setdefault("where", str(paths[0]))

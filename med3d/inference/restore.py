@@ -1,8 +1,9 @@
 """From the plan grid back to the scan's own grid: the inverse of ``data.preprocess`` for predictions.
 
 Probabilities on the resampled, cropped grid are resampled (trilinear) to the cropped region of
-the original grid and placed back; outside the crop is background. Labels need only the cropped
-region, so the full-size ``K``-channel array is built only when probabilities are asked for.
+the original grid and placed back; outside the crop is background. Both run one class at a time:
+the label map keeps a running maximum (one float32 copy of the cropped region, whatever the number
+of classes), and full-size ``K``-channel probabilities are built only when asked for.
 """
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ from typing import Any, Dict
 import numpy as np
 
 from ..data.image import Geometry
-from ..data.preprocess import resample
+from ..data.preprocess import resample_pieces
 
 
 def _crop_region(props: Dict[str, Any]) -> tuple:
     return tuple(slice(lo, hi) for lo, hi in props["crop_box"])
 
 
-def _to_cropped_grid(probs: np.ndarray, props: Dict[str, Any], plan: Dict[str, Any]) -> np.ndarray:
-    return resample(probs.astype(np.float32, copy=False), props["cropped_shape"], plan["target_spacing"],
-                    props["spacing_zyx"], is_label=False)
+def _class_pieces(probs: np.ndarray, k: int, props: Dict[str, Any], plan: Dict[str, Any]):
+    """Class ``k``'s probabilities on the cropped region of the original grid, as ``(where, values)`` pieces
+    (slabs for an anisotropic case; values may be views of ``probs``)."""
+    return resample_pieces(np.asarray(probs[k], dtype=np.float32), props["cropped_shape"], plan["target_spacing"],
+                           props["spacing_zyx"])
 
 
 def label_dtype(num_classes: int) -> np.dtype:
@@ -31,8 +34,12 @@ def label_dtype(num_classes: int) -> np.dtype:
 def restore_labels(probs: np.ndarray, props: Dict[str, Any], plan: Dict[str, Any]) -> np.ndarray:
     """Label map ``(Z, Y, X)`` on the original grid from probabilities ``(K, z, y, x)`` on the plan grid.
 
+    The argmax over the resampled probabilities, computed one class at a time: a class takes a voxel
+    where it beats the best so far strictly, so ties go to the lower class as with ``argmax``.
+
     Args:
-        probs: class probabilities on the preprocessed (cropped, resampled) grid.
+        probs: class probabilities on the preprocessed (cropped, resampled) grid; where that grid is the
+            cropped region itself (nothing to resample), logits give the same labels.
         props: what ``preprocess`` recorded (crop box, cropped shape, original geometry and spacing).
         plan: the plan the case was preprocessed with (its ``target_spacing``).
 
@@ -40,7 +47,20 @@ def restore_labels(probs: np.ndarray, props: Dict[str, Any], plan: Dict[str, Any
         The argmax label map with the original shape; voxels outside the crop are 0.
     """
     labels = np.zeros(props["geometry"]["shape"], dtype=label_dtype(probs.shape[0]))
-    labels[_crop_region(props)] = _to_cropped_grid(probs, props, plan).argmax(0)
+    region = labels[_crop_region(props)]
+    # Slab by slab (anisotropic cases), class by class: the running maximum holds one slab or one volume.
+    pieces = [_class_pieces(probs, k, props, plan) for k in range(probs.shape[0])]
+    for first in pieces[0]:
+        where, best = first
+        best = np.array(best, dtype=np.float32, copy=True) if np.shares_memory(best, probs) else best
+        for k in range(1, len(pieces)):
+            _, p = next(pieces[k])
+            better = p > best
+            region[where][better] = k
+            if k + 1 < len(pieces):
+                np.maximum(best, p, out=best)
+            del better, p
+        del best
     return labels
 
 
@@ -55,7 +75,10 @@ def restore_probabilities(probs: np.ndarray, props: Dict[str, Any], plan: Dict[s
     """
     full = np.zeros((probs.shape[0], *props["geometry"]["shape"]), dtype=np.float32)
     full[0] = 1.0
-    full[(slice(None),) + _crop_region(props)] = _to_cropped_grid(probs, props, plan)
+    region = _crop_region(props)
+    for k in range(probs.shape[0]):
+        for where, values in _class_pieces(probs, k, props, plan):
+            full[k][region][where] = values
     return full
 
 

@@ -90,7 +90,30 @@ def softmax_tta(model: nn.Module, image: torch.Tensor, task: str, patch: Sequenc
     total = None
     for axes in axes_sets:
         x = torch.flip(image, axes) if axes else image
-        p = torch.softmax(sliding_window(model, x, task, patch, overlap, sw_batch_size, amp_dtype, inferer), 1)
+        p = softmax_(sliding_window(model, x, task, patch, overlap, sw_batch_size, amp_dtype, inferer))
+        del x
         p = torch.flip(p, axes) if axes else p
         total = p if total is None else total.add_(p.to(total.device))  # a pass may have fallen back to the CPU
-    return total.div_(len(axes_sets))
+        del p
+    return total.div_(len(axes_sets)) if len(axes_sets) > 1 else total
+
+
+# Voxels (times classes) per slab of the in-place softmax: its temporaries stay a few MB.
+_SOFTMAX_SLAB = 1 << 22
+
+
+def softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the class axis of ``(N, K, Z, Y, X)`` logits, written over them slab by slab along z.
+
+    ``torch.softmax`` would allocate a second ``K``-channel volume; each voxel's softmax depends
+    on that voxel alone, so slabs give the same values (up to one float32 ulp, from the vectorised
+    exp's tail handling) with temporaries of one slab.
+
+    Returns:
+        ``logits``, now holding probabilities.
+    """
+    step = max(1, _SOFTMAX_SLAB // max(1, logits[0, :, 0].numel()))
+    for z in range(0, logits.shape[2], step):
+        slab = logits[:, :, z:z + step]
+        slab.copy_(torch.softmax(slab, 1))
+    return logits

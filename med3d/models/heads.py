@@ -1,4 +1,5 @@
-"""Task heads, each built from the encoder's ``feature_info`` so any head fits any encoder.
+"""Task heads, each built from the encoder's ``feature_info`` so any head fits any encoder: segmentation,
+classification, and the self-supervised ``restore`` decoder and ``contrastive`` projection.
 
 Every head is called as ``head(features, out_size)``: the list of stage features and the
 spatial size of the network input (segmentation heads return logits at that size). A head's
@@ -128,3 +129,75 @@ class ClassificationHead(nn.Module):
 
     def forward(self, features: List[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
         return self.fc(self.dropout(torch.flatten(self.pool(features[-1]), 1)))
+
+
+# ---------------------------------------------------------------- self-supervised heads (dropped at export)
+
+def _halving_steps(stride: Sequence[int]) -> List[Tuple[int, ...]]:
+    """Per-axis upsampling factors (2 where the stride is still above 1) that bring ``stride`` down to 1."""
+    steps, left = [], list(stride)
+    while any(s > 1 for s in left):
+        factor = tuple(2 if s > 1 else 1 for s in left)
+        steps.append(factor)
+        left = [max(1, s // f) for s, f in zip(left, factor)]
+    return steps
+
+
+@HEADS.register("restore")
+class RestoreHead(nn.Module):
+    """A light decoder for Models Genesis restoration: the last stage upsampled 2x at a time to the input grid
+    (trilinear, then conv + BN + ReLU, but for the last step), and a 1x1x1 conv to the reconstructed channels.
+
+    Only the deepest features feed it (no skips), so what the corrupted patch lost has to be restored
+    from what the encoder learned; it is a training aid that ``med3d export`` leaves out.
+
+    Args:
+        feature_info: the encoder's stages.
+        num_classes: channels reconstructed: the task's input channels (1 for a one-channel encoder).
+        channels: width of the first upsampling block, halved at each 2x step (at least 8).
+    """
+
+    def __init__(self, feature_info: Sequence[FeatureInfo], num_classes: int = 1, channels: int = 64) -> None:
+        super().__init__()
+        self.size_divisibility: Triple = size_divisibility(feature_info[-1:])
+        cin, blocks = feature_info[-1].channels, []
+        steps = _halving_steps(feature_info[-1].stride)
+        # Trilinear upsampling and one conv per step (transposed 3D convs are several times slower on CPU);
+        # the last step goes straight to the 1x1x1 output conv, as a 3x3x3 conv at full resolution costs most.
+        for i, factor in enumerate(steps[:-1]):
+            cout = max(8, channels // 2 ** i)
+            blocks.append(nn.Sequential(nn.Upsample(scale_factor=factor, mode="trilinear", align_corners=False),
+                                        nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout),
+                                        nn.ReLU(inplace=True)))
+            cin = cout
+        if steps:
+            blocks.append(nn.Upsample(scale_factor=steps[-1], mode="trilinear", align_corners=False))
+        self.up = nn.Sequential(*blocks)
+        self.out = nn.Conv3d(cin, num_classes, 1)
+
+    def forward(self, features: List[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
+        return _resize(self.out(self.up(features[-1])), out_size)
+
+
+@HEADS.register("contrastive")
+class ProjectionHead(nn.Module):
+    """SimCLR's projection head: global average pooling of the last stage, then a two-layer MLP.
+
+    The contrastive loss acts on its output, so the encoder's pooled features keep what the
+    augmentations do not change; it is a training aid that ``med3d export`` leaves out.
+
+    Args:
+        feature_info: the encoder's stages.
+        num_classes: size of the projection the loss compares (e.g. 128).
+        hidden: width of the MLP's hidden layer.
+    """
+
+    def __init__(self, feature_info: Sequence[FeatureInfo], num_classes: int = 128, hidden: int = 256) -> None:
+        super().__init__()
+        self.size_divisibility: Triple = (1, 1, 1)
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.mlp = nn.Sequential(nn.Linear(feature_info[-1].channels, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, num_classes))
+
+    def forward(self, features: List[torch.Tensor], out_size: Sequence[int]) -> torch.Tensor:
+        return self.mlp(torch.flatten(self.pool(features[-1]), 1))

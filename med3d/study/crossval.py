@@ -63,7 +63,7 @@ def parse_folds(text: str, k: int) -> List[int]:
 
 
 def run_folds(cfg: Config, job: str, folds: List[int], progress: bool = True,
-              resume: bool = False) -> List[Dict[str, Any]]:
+              resume: bool = False, overwrite: bool = False) -> List[Dict[str, Any]]:
     """Train the given folds of ``cfg`` one after another, then write the fold summary.
 
     Args:
@@ -72,6 +72,7 @@ def run_folds(cfg: Config, job: str, folds: List[int], progress: bool = True,
         folds: the fold numbers to train.
         progress: show progress bars.
         resume: skip finished folds and continue an interrupted one; without it every fold trains afresh.
+        overwrite: replace the runs already in the ``fold_N`` folders (without it or ``resume`` they are refused).
 
     Returns:
         The summary's rows (every finished fold under ``run.out_dir``).
@@ -85,7 +86,8 @@ def run_folds(cfg: Config, job: str, folds: List[int], progress: bool = True,
     for fold in folds:
         fcfg = fold_config(cfg, fold, out)
         print(f"\nfold {fold}: training into {fcfg.run.out_dir}")
-        summary = run_once(fcfg, job, progress, tensorboard=True) if resume else train(fcfg, job, progress=progress)
+        summary = (run_once(fcfg, job, progress, tensorboard=True) if resume
+                   else train(fcfg, job, progress=progress, overwrite=overwrite))
         print("already finished; skipped" if summary.get("skipped") else describe(summary))
         drawn = Path(fcfg.run.out_dir) / "splits_final.json"
         if drawn.is_file():  # every fold's run writes the same folds; keep one beside the summary

@@ -102,8 +102,9 @@ def run_once(cfg: Config, job: str = "finetune", progress: bool = True, tensorbo
         return {**done, "skipped": True}
     last = Path(cfg.run.out_dir) / "checkpoints" / "last.pt"
     start = time.perf_counter()
+    # No checkpoint: the run starts afresh, over whatever an attempt killed before its first checkpoint left.
     summary = train(cfg, job, resume=str(last) if last.is_file() else None, progress=progress,
-                    tensorboard=tensorboard)
+                    tensorboard=tensorboard, overwrite=not last.is_file())
     return {**summary, "skipped": False, "wall_s": time.perf_counter() - start}
 
 

@@ -6,16 +6,15 @@ plain containers, never code.
 from __future__ import annotations
 
 import json
-import pickletools
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from ..errors import Med3DError
+from .untrusted import Limits, check_loaded, scan_weights_file
 
 StateDict = Dict[str, torch.Tensor]
 SOURCES = ("med3d", "medicalnet", "monai", "torchvision", "plain")
@@ -34,44 +33,32 @@ class Weights:
 _SAFE_MODULES = ("torch", "collections", "_codecs", "numpy")
 
 
-def _pickle_imports(path: Path) -> Optional[List[str]]:
-    """Modules.names a pickle (plain, or torch.save's zip) would import; None if it is no pickle at all."""
-    raw = path.read_bytes()
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist() if n.endswith("data.pkl")]
-            raw = zf.read(names[0]) if names else b""
-    found, strings = [], []
-    try:
-        for op, arg, _ in pickletools.genops(raw):
-            if op.name == "GLOBAL":
-                found.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-            if isinstance(arg, str):
-                strings.append(arg)
-    except Exception:  # noqa: BLE001 - not a pickle stream
-        return None
-    return found
-
-
 def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` after a bounded scan of the file (``untrusted.scan_weights_file``).
+
+    Raises:
+        Med3DError: the file passes a size or opcode limit, would import something other than
+            tensors and plain containers, or is no readable checkpoint.
+    """
+    limits = Limits.from_env()
+    scan = scan_weights_file(path, limits)  # before torch sees it: a crafted pickle can run for minutes
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols; our message says it all
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - garbage bytes make the unpickler fail in many ways
-        imports = _pickle_imports(path)
-        unsafe = [g for g in imports or [] if not g.startswith(_SAFE_MODULES)]
+        unsafe = [g for g in scan.globals if not g.startswith(_SAFE_MODULES)]
         if unsafe:
             # weights_only allows tensors and plain containers only; anything else could run code.
             raise Med3DError(f"{path}: refused: loading it would import {', '.join(sorted(set(unsafe))[:3])}, "
                              "which can execute code; only tensors are loaded (re-save as a plain state dict "
                              "or safetensors)")
-        detail = "not a pickle or zip archive" if imports is None else \
+        detail = "not a pickle or zip archive" if not scan.is_pickle else \
             (str(err).strip().splitlines() or [type(err).__name__])[-1][:100]
         raise Med3DError(f"{path}: not a readable PyTorch checkpoint ({detail}); "
                          "expected a .pth/.pt state dict or a .safetensors file")
+    check_loaded(obj, path, limits)
+    return obj
 
 
 def _safetensors_load(path: Path) -> Tuple[StateDict, Dict[str, str]]:
@@ -134,9 +121,7 @@ def read_weights(path: str | Path, source: str = "auto") -> Weights:
         raise Med3DError(f"{path}: weights file not found")
     if _is_safetensors(path):
         sd, meta = _safetensors_load(path)
-        metadata: Dict[str, Any] = {k: _maybe_json(v) for k, v in meta.items()}
-        if metadata.get("format") == "med3d":
-            metadata = upgrade_metadata(metadata)
+        metadata = decode_metadata(meta, path)
         detected = "med3d" if metadata.get("format") == "med3d" else detect_source(sd)
         return Weights(sd, detected if source == "auto" else source, metadata)
     obj = _torch_load(path)
@@ -180,6 +165,80 @@ def _maybe_json(text: str) -> Any:
         return json.loads(text)
     except (json.JSONDecodeError, TypeError):
         return text
+
+
+MAX_METADATA_DEPTH = 32  # med3d writes two levels (encoder arguments, lists of names)
+MAX_METADATA_CHARS = 1 << 20  # per value; a model card is a few kilobytes
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value``'s lists and mappings nest (iterative: a crafted value may nest thousands deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if deepest > MAX_METADATA_DEPTH:
+                break
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _check_med3d_metadata(metadata: Dict[str, Any], path: Path) -> None:
+    """The keys of a med3d export that med3d itself acts on must have the types it writes."""
+    enc = metadata.get("encoder")
+    if enc is not None:
+        if not isinstance(enc, dict):
+            raise Med3DError(f"{path}: metadata 'encoder' must be a mapping of encoder arguments, got "
+                             f"{type(enc).__name__}; re-export the weights")
+        from ..config import from_dict
+
+        try:  # the config schema checks the arch and each argument's type and range
+            from_dict({"model": {"encoder": upgrade_metadata({"encoder": enc})["encoder"]}})
+        except (Med3DError, TypeError) as err:
+            raise Med3DError(f"{path}: metadata 'encoder' is not a valid encoder ({str(err)[:160]}); "
+                             "re-export the weights")
+    spacing = metadata.get("spacing_zyx", metadata.get("spacing"))
+    if spacing is not None:
+        from ..values import spacing as check_spacing
+
+        check_spacing(spacing, f"{path}: metadata 'spacing_zyx'")
+    if "sha256" in metadata and not isinstance(metadata["sha256"], str):  # compared with the tensors' digest
+        raise Med3DError(f"{path}: metadata 'sha256' must be text, got {type(metadata['sha256']).__name__}")
+
+
+def decode_metadata(meta: Mapping[str, str], path: Path) -> Dict[str, Any]:
+    """A safetensors file's ``__metadata__`` strings as values (JSON where they are), checked.
+
+    Args:
+        meta: the header's metadata (string to string, as safetensors guarantees).
+        path: the file, for messages.
+
+    Returns:
+        The decoded metadata; a med3d export's is checked and upgraded to today's names.
+
+    Raises:
+        Med3DError: a value is longer than ``MAX_METADATA_CHARS`` or nests deeper than
+            ``MAX_METADATA_DEPTH``, or a med3d export's ``encoder``, ``spacing_zyx`` or ``sha256`` has
+            the wrong type or range (naming the key).
+    """
+    out: Dict[str, Any] = {}
+    for key, text in meta.items():
+        if len(text) > MAX_METADATA_CHARS:
+            raise Med3DError(f"{path}: metadata '{key[:60]}' holds {len(text):,} characters, over the "
+                             f"{MAX_METADATA_CHARS:,} med3d accepts; re-export the weights")
+        try:
+            value = _maybe_json(text)
+        except RecursionError:  # json's decoder recurses once per level
+            value = None
+        if (value is None and text.strip() != "null") or _depth(value) > MAX_METADATA_DEPTH:
+            raise Med3DError(f"{path}: metadata '{key[:60]}' nests more than {MAX_METADATA_DEPTH} levels deep; "
+                             "re-export the weights")
+        out[key] = value
+    if out.get("format") == "med3d":
+        _check_med3d_metadata(out, path)
+        out = upgrade_metadata(out)
+    return out
 
 
 def describe_state_dict(sd: StateDict) -> Dict[str, Any]:
