@@ -79,7 +79,7 @@ def remove_stale_temps(folder: str | os.PathLike) -> List[Path]:
     for entry in entries:
         m = _TEMP_NAME.match(entry.name)
         if m and entry.is_file(follow_symlinks=False) and not pid_alive(int(m.group(1))):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone already, or not ours to remove: never fail the write for it
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
     return removed

@@ -74,8 +74,10 @@ _TORCH_INT = (np.uint8, np.int8, np.int16, np.int32, np.int64)
 
 def _label_tensor(arr: np.ndarray) -> torch.Tensor:
     """A label map as an integer tensor, sharing memory where torch has the dtype (float maps truncated)."""
-    if arr.dtype.type in _TORCH_INT:
+    if arr.dtype.type in _TORCH_INT and arr.dtype.isnative:  # torch refuses big-endian arrays (from NIfTI files)
         return torch.as_tensor(np.ascontiguousarray(arr))
+    if arr.dtype.type in _TORCH_INT:
+        return torch.as_tensor(arr.astype(arr.dtype.newbyteorder("=")))
     return torch.as_tensor(arr.astype(np.int32 if arr.dtype.type == np.uint16 else np.int64))
 
 

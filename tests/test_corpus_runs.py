@@ -324,3 +324,27 @@ def test_torchscript_export_on_a_full_disk_is_one_line(tmp_path, capsys, monkeyp
     out = tmp_path / "out" / "m.ts"
     refused(["export", ckpt, "--format", "torchscript", "--out", out, "--input-size", "16", "16", "16"], capsys,
             names=rf"{out}: not written, the disk is full", inputs=[ckpt], watch=tmp_path)
+
+
+@pytest.mark.corpus
+def test_a_file_system_without_locks_or_space_is_one_line_and_holds_nothing(tmp_path, monkeypatch):
+    import fcntl
+
+    from med3d.engine import runlock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    with monkeypatch.context() as m:
+        m.setattr(fcntl, "flock", no_locks)
+        with pytest.raises(Med3DError, match=r"run\.lock: cannot be locked \(No locks available\)"):
+            runlock.RunLock(tmp_path / "run").acquire()
+
+    def full(self, previous):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runlock.RunLock, "_take_over", full)
+    with pytest.raises(Med3DError, match=r"run\.lock: the run lock cannot be written \(No space left"):
+        runlock.RunLock(tmp_path / "run").acquire()
+    monkeypatch.undo()
+    runlock.RunLock(tmp_path / "run").acquire().release()  # nothing was left held: the folder can be locked again

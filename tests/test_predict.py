@@ -171,3 +171,13 @@ def test_checkpoint_without_a_plan_is_refused(tmp_path, demo_root, cfg_dict):
     scans = demo_root / "Task09_SpleenDemo" / "imagesTs"  # not tmp_path: --out may not lie in an input folder
     r = _cli("predict", str(path), str(scans), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "no preprocessing plan" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_big_endian_label_maps_score_like_native_ones():
+    """nibabel hands big-endian NIfTI labels over as big-endian arrays, which torch refuses to wrap."""
+    ref = np.zeros((6, 7, 8), np.int16)
+    ref[1:4, 2:5, 3:6] = 1
+    pred = np.roll(ref, 1, axis=0)
+    native = pair_metrics(pred, ref, (1.0, 1.0, 1.0), [1])
+    swapped = pair_metrics(pred.astype(">i2"), ref.astype(">i2"), (1.0, 1.0, 1.0), [1])
+    assert swapped == native and 0 < native[0]["dice"] < 1

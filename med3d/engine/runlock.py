@@ -82,19 +82,35 @@ class RunLock:
             except OSError as err:
                 raise Med3DError(f"{self.path}: cannot be opened ({err.strerror}); is run.out_dir writable?") from err
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = _read_owner(fd)
+                if self._lock_live_name(fd):
+                    self.fd = fd
+                else:
+                    os.close(fd)
+            except BaseException:
                 os.close(fd)
-                raise Med3DError(f"run.out_dir {self.folder}: another training is writing into it ({_describe(owner)}; "
-                                 f"lock {self.path}); wait for it to finish, or set run.out_dir to another folder")
-            # The holder before us may have unlinked the file between our open and flock: lock the live name only.
-            if os.path.exists(self.path) and os.fstat(fd).st_ino == os.stat(self.path).st_ino:
-                self.fd = fd
-            else:
-                os.close(fd)
-        self._take_over(_read_owner(self.fd))
+                raise
+        try:
+            self._take_over(_read_owner(self.fd))
+        except OSError as err:  # a full disk, a file system without locks: say so, and hold nothing
+            self.release()
+            raise Med3DError(f"{self.path}: the run lock cannot be written ({err.strerror})") from err
         return self
+
+    def _lock_live_name(self, fd: int) -> bool:
+        """Lock ``fd``; False when the holder before us unlinked its name meanwhile (then lock the new file)."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _read_owner(fd)
+            raise Med3DError(f"run.out_dir {self.folder}: another training is writing into it ({_describe(owner)}; "
+                             f"lock {self.path}); wait for it to finish, or set run.out_dir to another folder")
+        except OSError as err:
+            raise Med3DError(f"{self.path}: cannot be locked ({err.strerror}); use a run.out_dir on a local "
+                             "file system") from err
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
 
     def _take_over(self, previous: Dict[str, Any]) -> None:
         if previous:

@@ -214,7 +214,8 @@ class Trainer:
         self.info = info = init_distributed()
         # Before anything is written (the cache, the run files): one training per folder, never over an old run.
         reads = [cfg.data.cache_dir, *(e.path for e in cfg.data.datasets.values()),
-                 *([cfg.finetune.weights] if self.job == "finetune" and cfg.finetune.weights else [])]
+                 *([cfg.finetune.weights] if self.job == "finetune" and cfg.finetune.weights else []),
+                 *([cfg.data.splits_file] if cfg.data.splits_file else [])]
         self.lock = main_decides(info, lambda: claim_run_folder(cfg.run.out_dir, resume=saved is not None,
                                                                 overwrite=self.overwrite, inputs=reads))
         torch.manual_seed(cfg.run.seed)
