@@ -35,10 +35,10 @@ def run_metrics(checkpoint: Optional[PathLike]) -> Dict[str, Any]:
     if checkpoint is None or Path(checkpoint).suffix.lower() not in (".pt", ".pth", ".ckpt"):
         return out
     from .errors import Med3DError
-    from .transfer.formats import _torch_load
+    from .transfer.formats import torch_load_bounded
 
     try:  # the bounded, weights-only reader: reading a card never runs code from the file nor stalls on it
-        raw = _torch_load(Path(checkpoint))
+        raw = torch_load_bounded(Path(checkpoint))
     except Med3DError:  # not a med3d training checkpoint: no run record
         return out
     best = (raw.get("train_state") or {}).get("best") if isinstance(raw, dict) else None

@@ -248,18 +248,37 @@ def prepare_dataset(root: PathLike, cache_dir: PathLike, workers: int = 0, progr
         raise Med3DError(numbering)
     folder = cache_folder(cache_dir, root)
     plan = plan_dataset(info, folder, workers, progress, descriptor, spacing, normalization, ct_window=ct_window)
+    todo, failed = cache_cases(info, folder, plan, root, workers, progress, f"prepare {info.name}")
+    return PrepareResult(folder, plan, todo - len(failed), len(info.cases) - todo, failed)
+
+
+def cache_cases(info: DatasetInfo, folder: Path, plan: Dict[str, Any], root: PathLike, workers: int,
+                progress: bool, desc: str, **manifest: Any) -> Tuple[int, List[str]]:
+    """Preprocess the cases of ``info`` not yet cached under ``plan``, then write ``plan.json`` and ``manifest.json``.
+
+    Args:
+        info: the dataset as read.
+        folder: its cache folder.
+        plan: its plan.
+        root: the dataset folder (recorded in the manifest).
+        workers: worker processes (see ``workers.worth_a_pool``).
+        progress: show a progress bar.
+        desc: the progress bar's label.
+        **manifest: further manifest entries (e.g. the kind of an unlabelled dataset).
+
+    Returns:
+        How many cases were to be prepared, and ``"case: error"`` for each that failed.
+    """
     phash = plan_hash(plan)
     write_json_atomic(folder / "plan.json", {**plan, "plan_hash": phash})
     todo = [c for c in info.cases if not is_done(folder, c, phash)]
-    results = _map(_prepare_one, [(c, plan, folder) for c in todo], workers,
-                   f"prepare {info.name}", progress)
+    results = _map(_prepare_one, [(c, plan, folder) for c in todo], workers, desc, progress)
     failed = [f"{cid}: {err}" for cid, err in results if err]
     done_ids = [c.case_id for c in info.cases if is_done(folder, c, phash)]
-    write_json_atomic(folder / "manifest.json", {"dataset": info.name, "root": str(Path(root).resolve()),
+    write_json_atomic(folder / "manifest.json", {"dataset": info.name, "root": str(Path(root).resolve()), **manifest,
                                                  "plan_hash": phash, "cases": done_ids,
-                                                 "num_channels": info.num_channels,
-                                                 "labels": plan["labels"]})
-    return PrepareResult(folder, plan, len(todo) - len(failed), len(info.cases) - len(todo), failed)
+                                                 "num_channels": info.num_channels, "labels": plan["labels"]})
+    return len(todo), failed
 
 
 def check_prepared(root: PathLike, cache_dir: PathLike, descriptor: Optional[PathLike] = None,

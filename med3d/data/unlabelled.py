@@ -17,13 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
 
-from ..atomic import write_json_atomic
 from ..errors import Med3DError
-from .cache import _map, _prepare_one, cache_folder, is_done, plan_dataset, require_prepared
+from .cache import cache_cases, cache_folder, plan_dataset, require_prepared
 from .check import require_valid
 from .datalist import Case, DatasetInfo, cases_from_folder, read_dataset
 from .image import read_image
-from .plan import default_scheme, find_descriptor, load_descriptor, plan_hash
+from .plan import default_scheme, find_descriptor, load_descriptor
 
 PathLike = Union[str, Path]
 IMAGES = ("training", "test", "all")
@@ -143,19 +142,11 @@ def prepare_unlabelled(entry: Any, cache_dir: PathLike, workers: int = 0, progre
     folder = unlabelled_folder(cache_dir, entry.path, entry.images)
     plan = plan_dataset(info, folder, workers, progress, entry.descriptor, entry.spacing, entry.normalization,
                         ct_window=entry.ct_window)
-    phash = plan_hash(plan)
-    write_json_atomic(folder / "plan.json", {**plan, "plan_hash": phash})
-    todo = [c for c in info.cases if not is_done(folder, c, phash)]
-    results = _map(_prepare_one, [(c, plan, folder) for c in todo], workers, f"prepare {info.name} (unlabelled)",
-                   progress)
-    failed = [f"{cid}: {err}" for cid, err in results if err]
+    _, failed = cache_cases(info, folder, plan, entry.path, workers, progress, f"prepare {info.name} (unlabelled)",
+                            kind="unlabelled", images=entry.images or "all")
     if failed:
         raise Med3DError(f"dataset {entry.path}: {len(failed)} unlabelled case(s) failed to prepare; first: "
                          f"{failed[0]}")
-    write_json_atomic(folder / "manifest.json", {"dataset": info.name, "root": str(Path(entry.path).resolve()),
-                                                 "kind": "unlabelled", "images": entry.images or "all",
-                                                 "plan_hash": phash, "cases": [c.case_id for c in info.cases],
-                                                 "num_channels": info.num_channels, "labels": plan["labels"]})
     return folder
 
 

@@ -20,7 +20,7 @@ from ..checkpoint import save_checkpoint
 from ..config import Config
 from ..errors import Med3DError
 from ..models.multitask import MultiTaskModel
-from ..transfer.formats import _torch_load
+from ..transfer.formats import torch_load_bounded
 
 log = logging.getLogger("med3d.train")
 
@@ -89,7 +89,7 @@ def load_training(path: Path) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise Med3DError(f"{path}: checkpoint to resume from not found")
-    obj = _torch_load(path)
+    obj = torch_load_bounded(path)
     if not isinstance(obj, dict) or obj.get("format") != "med3d-checkpoint" or "train_state" not in obj:
         raise Med3DError(f"{path}: not a med3d training checkpoint (no train_state); it cannot be resumed. "
                          "Start a new run with finetune.weights pointing at it instead")

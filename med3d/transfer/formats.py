@@ -33,8 +33,14 @@ class Weights:
 _SAFE_MODULES = ("torch", "collections", "_codecs", "numpy")
 
 
-def _torch_load(path: Path) -> Any:
+def torch_load_bounded(path: Path) -> Any:
     """``torch.load(weights_only=True)`` after a bounded scan of the file (``untrusted.scan_weights_file``).
+
+    Args:
+        path: a ``.pt`` / ``.pth`` file (zip or legacy pickle).
+
+    Returns:
+        What the file holds: tensors in plain containers.
 
     Raises:
         Med3DError: the file passes a size or opcode limit, would import something other than
@@ -124,7 +130,7 @@ def read_weights(path: str | Path, source: str = "auto") -> Weights:
         metadata = decode_metadata(meta, path)
         detected = "med3d" if metadata.get("format") == "med3d" else detect_source(sd)
         return Weights(sd, detected if source == "auto" else source, metadata)
-    obj = _torch_load(path)
+    obj = torch_load_bounded(path)
     wrapped = isinstance(obj, dict) and "state_dict" in obj
     sd, config, meta = _unwrap(obj, path)
     had_module = any(k.startswith("module.") for k in sd)
