@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, List, Sequence
 
 _PR_SET_PDEATHSIG = 1
 
@@ -61,3 +62,27 @@ def worth_a_pool(workers: int, jobs: int) -> bool:
         True when there is more than one worker and at least ``MIN_JOBS_PER_WORKER`` cases each.
     """
     return workers > 1 and jobs >= MIN_JOBS_PER_WORKER * workers
+
+
+def map_cases(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, desc: str, progress: bool) -> List[Any]:
+    """``[fn(job) for job in jobs]``, in a worker pool when it is worth one, with an optional progress bar.
+
+    Args:
+        fn: a module-level function (workers import it by name).
+        jobs: its arguments, one per case.
+        workers: the worker count asked for (``--workers``).
+        desc: the progress bar's label.
+        progress: show the bar.
+
+    Returns:
+        The results in the order of ``jobs``.
+    """
+    from tqdm import tqdm
+
+    def bar(it):
+        return tqdm(it, total=len(jobs), desc=desc, unit="case", disable=not progress, leave=False)
+
+    if worth_a_pool(workers, len(jobs)):
+        with worker_pool(workers) as pool:  # its workers stop with this process, even on SIGKILL
+            return list(bar(pool.map(fn, jobs)))
+    return [fn(job) for job in bar(jobs)]

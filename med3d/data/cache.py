@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import Med3DError
 from ..atomic import write_atomic, write_json_atomic
-from ..workers import worker_pool, worth_a_pool
+from ..workers import map_cases
 from .check import require_valid
 from .datalist import Case, DatasetInfo, read_dataset
 from .image import read_channels
@@ -181,16 +181,6 @@ class PrepareResult:
     failed: List[str]
 
 
-def _map(fn, jobs: List[Any], workers: int, desc: str, progress: bool) -> List[Any]:
-    from tqdm import tqdm
-
-    if worth_a_pool(workers, len(jobs)):
-        with worker_pool(workers) as pool:  # its workers stop with this process, even on SIGKILL
-            it = pool.map(fn, jobs)
-            return list(tqdm(it, total=len(jobs), desc=desc, unit="case", disable=not progress, leave=False))
-    return [fn(j) for j in tqdm(jobs, desc=desc, unit="case", disable=not progress, leave=False)]
-
-
 def _map_key(info: DatasetInfo) -> Optional[Dict[str, int]]:
     return {str(k): v for k, v in info.label_map.items()} if info.label_map else None
 
@@ -216,7 +206,7 @@ def plan_dataset(info: DatasetInfo, folder: Path, workers: int = 0, progress: bo
         raise Med3DError(f"dataset {info.root}: not prepared in {folder.parent}, or changed since; run "
                          "'med3d prepare --config CONFIG' (the training config) before starting the ranks")
     if fp is None:
-        per_case = _map(_fingerprint_one, info.cases, workers, f"fingerprint {info.name}", progress)
+        per_case = map_cases(_fingerprint_one, info.cases, workers, f"fingerprint {info.name}", progress)
         fp = dataset_fingerprint(info, per_case)
         fp["sources"], fp["label_map"] = stamps, _map_key(info)
         write_json_atomic(fp_path, fp)
@@ -272,7 +262,7 @@ def cache_cases(info: DatasetInfo, folder: Path, plan: Dict[str, Any], root: Pat
     phash = plan_hash(plan)
     write_json_atomic(folder / "plan.json", {**plan, "plan_hash": phash})
     todo = [c for c in info.cases if not is_done(folder, c, phash)]
-    results = _map(_prepare_one, [(c, plan, folder) for c in todo], workers, desc, progress)
+    results = map_cases(_prepare_one, [(c, plan, folder) for c in todo], workers, desc, progress)
     failed = [f"{cid}: {err}" for cid, err in results if err]
     done_ids = [c.case_id for c in info.cases if is_done(folder, c, phash)]
     write_json_atomic(folder / "manifest.json", {"dataset": info.name, "root": str(Path(root).resolve()), **manifest,

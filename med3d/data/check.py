@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Sequence
+from typing import List, Sequence
 
 import numpy as np
 
 from ..errors import Med3DError
-from ..workers import worker_pool, worth_a_pool
+from ..workers import map_cases
 from .datalist import Case, DatasetInfo
 from .image import read_channels, read_image
 from .plan import label_numbering_problem
@@ -140,23 +140,10 @@ def check_dataset(info: DatasetInfo, workers: int = 0, progress: bool = False) -
     problems = [Problem("error", msg) for msg in info.problems] + _label_gaps(info)
     jobs = [(case, info.num_channels, list(info.labels)) for case in info.cases]
     jobs += [(case, info.num_channels, list(info.labels)) for case in info.test_cases]
-    results: Iterable[List[Problem]]
-    if worth_a_pool(workers, len(jobs)):
-        with worker_pool(workers) as pool:  # its workers stop with this process, even on SIGKILL
-            results = list(_progress(pool.map(_check_one, jobs), len(jobs), info.name, progress))
-    else:
-        results = _progress(map(_check_one, jobs), len(jobs), info.name, progress)
+    results = map_cases(_check_one, jobs, workers, f"check {info.name}", progress)
     for found in results:
         problems.extend(found)
     return problems
-
-
-def _progress(it: Iterable, total: int, name: str, show: bool) -> Iterable:
-    if not show:
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, total=total, desc=f"check {name}", unit="case", leave=False)
 
 
 def require_valid(info: DatasetInfo, workers: int = 0) -> None:
