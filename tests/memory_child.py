@@ -13,6 +13,7 @@ import json
 import resource
 import sys
 import traceback
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -80,6 +81,55 @@ def prepare_job(shape):
     return lambda: preprocess(image, label, plan)
 
 
+def prepare_aniso_job(shape):
+    """``preprocess`` of a float32 CT with thick slices (5 x 0.7 x 0.7 mm) to 5 x 1.4 x 1.4 mm, as the lung CT:
+    normalised and resampled slab by slab along z, so beside the input only the output is volume-sized."""
+    from med3d.bench_memory import chest_ct
+    from med3d.data.image import Image
+    from med3d.data.preprocess import preprocess
+
+    spacing = (5.0, 0.7, 0.7)
+    ct, lab = chest_ct(shape)
+    image = Image(ct.astype(np.float32)[None], geometry(shape, spacing))
+    label = lab.astype(np.int16)[None]
+    del ct, lab
+    plan = dict(CT_PLAN, target_spacing=[5.0, 1.4, 1.4])
+    preprocess(Image(image.array[:, :4, :16, :16].copy(), geometry((4, 16, 16), spacing)),
+               label[:, :4, :16, :16].copy(), plan)  # warm-up
+    return lambda: preprocess(image, label, plan)
+
+
+def check_job(shape, folder):
+    """``check_case`` (check-data, the first pass of prepare) of an int16 NRRD CT and its label: each read
+    in the stored dtype without a copy of ITK's buffer, the image dropped before the label is read, and
+    the label's values collected slab by slab."""
+    import SimpleITK as sitk
+
+    from med3d.bench_memory import chest_ct
+    from med3d.data.check import check_case
+    from med3d.data.datalist import Case
+
+    def case(name, ct, lab):
+        paths = [Path(folder) / f"{name}_{kind}.nrrd" for kind in ("image", "label")]
+        for path, arr in zip(paths, (ct, lab.astype(np.int16))):
+            img = sitk.GetImageFromArray(arr)
+            img.SetSpacing((0.7, 0.7, 5.0))
+            sitk.WriteImage(img, str(path), useCompression=True)
+        return Case(name, [paths[0]], paths[1])
+
+    ct, lab = chest_ct(shape)
+    big = case("big", ct, lab)
+    small = case("small", ct[:4, ::24, ::24], lab[:4, ::24, ::24])  # a coarse copy of the same body
+    del ct, lab
+    _no_problems(check_case(small, 1, [0, 1]))  # warm-up (imports SimpleITK, starts ITK's threads)
+    return lambda: _no_problems(check_case(big, 1, [0, 1]))
+
+
+def _no_problems(problems) -> None:
+    if problems:
+        raise AssertionError(f"check_case found problems: {problems}")
+
+
 def predict_job(shape, num_classes):
     """``Predictor`` on a fine CT with a plan 4x coarser, a ``num_classes`` head (labels only)."""
     from med3d.api import create_model
@@ -120,7 +170,8 @@ def main() -> None:
     torch.set_num_threads(1)
     out = {}
     for name, args in spec.items():
-        job = {"prepare": prepare_job, "predict": predict_job, "evaluate": evaluate_job}[name](*args["args"])
+        job = {"prepare": prepare_job, "prepare_aniso": prepare_aniso_job, "check": check_job, "predict": predict_job,
+               "evaluate": evaluate_job}[name](*args["args"])
         budgets = args["budget_mb"] if isinstance(args["budget_mb"], list) else [args["budget_mb"]]
         runs = [limited(b, job) for b in budgets]  # a list: the smallest budget that passes, for tuning
         out[name] = runs[0] if len(runs) == 1 else [(r["budget_mb"], r["ok"]) for r in runs]

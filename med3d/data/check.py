@@ -17,7 +17,7 @@ from ..errors import Med3DError
 from ..workers import map_cases
 from .datalist import Case, DatasetInfo
 from .image import read_channels, read_image
-from .plan import label_numbering_problem
+from .plan import label_numbering_problem, z_slabs
 
 # Plausible voxel sizes in mm; outside this range the header is most likely wrong (units in m or um).
 SPACING_RANGE = (0.05, 20.0)
@@ -46,10 +46,12 @@ def check_case(case: Case, num_channels: int, labels: Sequence[int]) -> List[Pro
     if any(p.severity == "error" for p in content):
         return out + content
     out += content
-    if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).all():
-        bad = int((~np.isfinite(image.array)).sum())
+    bad = _non_finite(image.array)
+    if bad:
         out.append(Problem("error", f"{first}: {bad} voxel(s) are NaN or infinite; repair or drop the case"))
-    spacing = image.geometry.spacing
+    geometry = image.geometry
+    del image, content  # the label is read next: one volume at a time
+    spacing = geometry.spacing
     if min(spacing) <= 0 or not np.isfinite(spacing).all():
         out.append(Problem("error", f"{first}: invalid spacing {spacing}"))
     elif min(spacing) < SPACING_RANGE[0] or max(spacing) > SPACING_RANGE[1]:
@@ -64,16 +66,15 @@ def check_case(case: Case, num_channels: int, labels: Sequence[int]) -> List[Pro
     if label.channels != 1:
         out.append(Problem("error", f"{case.label}: a label map must have one channel, found {label.channels}"))
         return out
-    diff = image.geometry.matches(label.geometry)
+    diff = geometry.matches(label.geometry)
     if diff:
         out.append(Problem("error", f"{case.label}: grid differs from image {first} ({diff}); resample the label "
                                     "onto the image grid"))
-    arr = label.array
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
-            out.append(Problem("error", f"{case.label}: label values are not integers"))
-            return out
-    values = np.unique(arr).astype(np.int64)
+    arr = label.array[0]
+    if np.issubdtype(arr.dtype, np.floating) and not _whole_numbers(arr):
+        out.append(Problem("error", f"{case.label}: label values are not integers"))
+        return out
+    values = _unique(arr).astype(np.int64)
     if case.label_map is not None:
         return out + _mapped_absent(case, set(values.tolist()))
     extra = sorted(set(values.tolist()) - set(labels))
@@ -99,7 +100,7 @@ def _content_problems(path: Path, array: np.ndarray, labelled: bool) -> List[Pro
                                  "save the magnitude (or the part you mean) as a real-valued image")]
     out = []
     for c, channel in enumerate(array):
-        if not channel.size or not np.isfinite(channel).all():
+        if not channel.size or _non_finite(channel[None]):
             continue  # the NaN check below names it
         lo, hi = channel.min(), channel.max()
         if lo == hi:
@@ -108,6 +109,27 @@ def _content_problems(path: Path, array: np.ndarray, labelled: bool) -> List[Pro
             out.append(Problem("error" if labelled else "warning",
                                f"{path}:{where} {what}, no image data; re-export the scan or drop the case"))
     return out
+
+
+def _non_finite(array: np.ndarray) -> int:
+    """How many voxels of a ``(C, Z, Y, X)`` array are NaN or infinite (integers never are), slab by slab."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0
+    return sum(int(np.count_nonzero(~np.isfinite(ch[s]))) for ch in array for s in z_slabs(ch.shape))
+
+
+def _whole_numbers(array: np.ndarray) -> bool:
+    """Whether every value of a float ``(Z, Y, X)`` array is finite and integral, slab by slab."""
+    for s in z_slabs(array.shape):
+        slab = array[s]
+        if not np.isfinite(slab).all() or not np.array_equal(slab, np.round(slab)):
+            return False
+    return True
+
+
+def _unique(array: np.ndarray) -> np.ndarray:
+    """``np.unique`` of a ``(Z, Y, X)`` array, slab by slab (``np.unique`` sorts a copy of all of it)."""
+    return np.unique(np.concatenate([np.unique(array[s]) for s in z_slabs(array.shape)]))
 
 
 def _mapped_absent(case: Case, present: set) -> List[Problem]:

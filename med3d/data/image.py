@@ -264,13 +264,32 @@ def _read_sitk(path: Path, dtype: np.dtype | None, series: Optional[str] = None,
     check_geometry(_sitk_geometry(img), str(path))
     if img.GetDimension() != 3:
         raise Med3DError(f"{path}: a {img.GetDimension()}D image; med3d needs 3D volumes")
-    # One copy out of ITK's buffer, converted on the way: GetArrayFromImage then astype would hold
-    # ITK's buffer, its copy and the converted array at once.
     view = sitk.GetArrayViewFromImage(img)  # (Z, Y, X) or (Z, Y, X, C) for vector images; valid while img lives
-    arr = view.astype(dtype or view.dtype)  # always a copy, so it outlives img
-    del view
+    if dtype is None or np.dtype(dtype) == view.dtype:
+        arr = np.asarray(_ItkBuffer(img, view))  # no copy: the array keeps img (its owner) alive
+    else:
+        # One conversion out of ITK's buffer, which is freed with img on return: GetArrayFromImage
+        # then astype would hold ITK's buffer, its copy and the converted array at once.
+        arr = view.astype(dtype)
+    geometry = _sitk_geometry(img)
+    del view, img
     arr = np.moveaxis(arr, 3, 0) if arr.ndim == 4 else arr[None]
-    return Image(np.ascontiguousarray(arr), _sitk_geometry(img))
+    return Image(np.ascontiguousarray(arr), geometry)
+
+
+class _ItkBuffer:
+    """A SimpleITK image's voxel buffer as NumPy sees it (``__array_interface__``), holding the image.
+
+    ``np.asarray`` of it is an array over ITK's own memory whose base is this object, so the image
+    lives exactly as long as the array: reading in the stored dtype costs one buffer, not two.
+    The buffer is marked writable: the image was just read and nothing else refers to it.
+    """
+
+    def __init__(self, img, view: np.ndarray):
+        self._img = img
+        interface = dict(view.__array_interface__)
+        interface["data"] = (interface["data"][0], False)
+        self.__array_interface__ = interface
 
 
 def read_image(path: PathLike, dtype: np.dtype | None = None, series: Optional[str] = None) -> Image:

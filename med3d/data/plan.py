@@ -54,15 +54,43 @@ DRIFT_SAMPLE = 200_000  # voxels per scan the percentiles are taken over (evenly
 
 # ---------------------------------------------------------------- cropping
 
+# Voxels per slab when a whole-volume pass walks z-slabs: bounds its temporaries to a few MB.
+PASS_VOXELS = 1 << 20
+
+
+def z_slabs(shape_zyx: Sequence[int], voxels: Optional[int] = None) -> List[slice]:
+    """Slices along z that cut a ``(Z, Y, X)`` volume into slabs of at most ``voxels`` voxels (one plane at least).
+
+    Args:
+        shape_zyx: the volume's shape.
+        voxels: the most voxels per slab (None: ``PASS_VOXELS``).
+
+    Returns:
+        The slices, in order, covering all of z.
+    """
+    step = max(1, int(voxels or PASS_VOXELS) // max(1, int(np.prod([int(s) for s in shape_zyx[1:]]))))
+    return [slice(z, z + step) for z in range(0, int(shape_zyx[0]), step)]
+
+
 def nonzero_bbox(array: np.ndarray) -> List[Tuple[int, int]]:
-    """Bounding box ``[(lo, hi), ...]`` over (Z, Y, X) of voxels non-zero in any channel."""
-    mask = np.any(array != 0, axis=0)
-    if not mask.any():
-        return [(0, s) for s in mask.shape]
+    """Bounding box ``[(lo, hi), ...]`` over (Z, Y, X) of voxels non-zero in any channel.
+
+    Walks z-slabs, so its temporaries are one slab's mask, not a volume-sized one.
+    """
+    shape = array.shape[1:]
+    hit = [np.zeros(n, bool) for n in shape]
+    for s in z_slabs(shape):
+        mask = array[0, s] != 0
+        for ch in range(1, array.shape[0]):
+            mask |= array[ch, s] != 0
+        hit[0][s] = mask.any(axis=(1, 2))
+        hit[1] |= mask.any(axis=(0, 2))
+        hit[2] |= mask.any(axis=(0, 1))
+    if not hit[0].any():
+        return [(0, int(s)) for s in shape]
     box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.where(mask.any(axis=other))[0]
+    for h in hit:
+        idx = np.flatnonzero(h)
         box.append((int(idx[0]), int(idx[-1]) + 1))
     return box
 
@@ -73,23 +101,27 @@ def crop(array: np.ndarray, box: Sequence[Tuple[int, int]]) -> np.ndarray:
 
 # ---------------------------------------------------------------- fingerprint
 
-def intensity_percentiles(array: np.ndarray) -> List[Dict[str, float]]:
+def intensity_percentiles(array: np.ndarray, box: Optional[Sequence[Tuple[int, int]]] = None
+                          ) -> List[Dict[str, float]]:
     """Per channel, the ``DRIFT_PERCENTILES`` of a ``(C, Z, Y, X)`` scan inside its non-zero box.
 
     Taken over an evenly strided sample of at most ``DRIFT_SAMPLE`` voxels, so the figure is the
-    same for the same scan wherever it is computed (fingerprint or predict).
+    same for the same scan wherever it is computed (fingerprint or predict). The sample is picked
+    by index from the box, so a box smaller than the scan is not copied whole.
 
     Args:
         array: the scan as read.
+        box: its ``nonzero_bbox`` when already known (None: computed here).
 
     Returns:
         One ``{"p01": ..., "p50": ..., "p99": ...}`` per channel.
     """
-    data = crop(array, nonzero_bbox(array))
+    data = crop(array, box if box is not None else nonzero_bbox(array))
+    size = int(np.prod(data.shape[1:]))
+    where = np.unravel_index(np.arange(0, size, max(1, size // DRIFT_SAMPLE)), data.shape[1:])
     out = []
     for ch in range(data.shape[0]):
-        flat = data[ch].reshape(-1)
-        sample = flat[:: max(1, flat.size // DRIFT_SAMPLE)].astype(np.float64)
+        sample = data[ch][where].astype(np.float64)  # the C-order flat sample data[ch].reshape(-1)[::step]
         values = np.percentile(sample, DRIFT_PERCENTILES)
         out.append({f"p{q:02d}": float(v) for q, v in zip(DRIFT_PERCENTILES, values)})
     return out
@@ -101,23 +133,60 @@ def case_seed(case_id: str) -> int:
 
 
 def case_fingerprint(case: Case) -> Dict[str, Any]:
-    """Spacing, cropped shape, foreground intensity samples and label counts of one case."""
+    """Spacing, cropped shape, foreground intensity samples and label counts of one case.
+
+    Every pass walks z-slabs or picks voxels by index, so beside the image and its label map the
+    temporaries are a slab's (no volume-sized masks, index arrays or flattened copies).
+    """
     image = read_channels(case.images)
     label = case.read_label(np.int16).array if case.label else None
     box = nonzero_bbox(image.array)
     data = crop(image.array, box)
     out: Dict[str, Any] = {"case_id": case.case_id, "spacing": list(image.geometry.spacing_zyx),
                            "shape": list(image.array.shape[1:]), "cropped_shape": list(data.shape[1:]),
-                           "percentiles": intensity_percentiles(image.array)}
+                           "percentiles": intensity_percentiles(image.array, box)}
     if label is not None:
         seg = crop(label, box)[0]
-        fg = np.flatnonzero(seg > 0)
         rng = np.random.default_rng(case_seed(case.case_id))
-        pick = rng.choice(fg, min(FG_SAMPLES_PER_CASE, fg.size), replace=False) if fg.size else fg
-        out["fg_samples"] = [data[c].reshape(-1)[pick].astype(float).tolist() for c in range(data.shape[0])]
-        values, counts = np.unique(seg, return_counts=True)
-        out["label_voxels"] = {int(v): int(n) for v, n in zip(values, counts)}
+        where = _foreground_sample(seg, rng, FG_SAMPLES_PER_CASE)
+        out["fg_samples"] = [data[c][where].astype(float).tolist() for c in range(data.shape[0])]
+        out["label_voxels"] = _value_counts(seg)
     return out
+
+
+def _foreground_sample(seg: np.ndarray, rng: np.random.Generator, k: int) -> Tuple[np.ndarray, ...]:
+    """Indices (z, y, x) of ``min(k, n)`` of the ``n`` voxels of ``seg`` > 0, drawn without replacement.
+
+    The same voxels, in the same order, as ``rng.choice(np.flatnonzero(seg > 0), k, replace=False)``
+    (which draws positions in the list of foreground voxels from its length alone), without the
+    list: each drawn position is found in the z-slab that holds it.
+    """
+    slabs = z_slabs(seg.shape)
+    counts = np.array([np.count_nonzero(seg[s] > 0) for s in slabs], dtype=np.int64)
+    n = int(counts.sum())
+    if n == 0:
+        return tuple(np.zeros(0, np.intp) for _ in range(3))
+    pos = rng.choice(n, min(k, n), replace=False)
+    flat = np.empty(pos.size, np.intp)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    slab_of = np.searchsorted(starts, pos, side="right") - 1
+    plane = int(np.prod(seg.shape[1:]))
+    for i, s in enumerate(slabs):
+        hit = slab_of == i
+        if hit.any():
+            fg = np.flatnonzero(seg[s] > 0)
+            flat[hit] = fg[pos[hit] - starts[i]] + s.start * plane
+    return np.unravel_index(flat, seg.shape)
+
+
+def _value_counts(seg: np.ndarray) -> Dict[int, int]:
+    """``{value: voxels}`` of a label map, counted slab by slab (``np.unique`` would sort a copy of it)."""
+    total: Dict[int, int] = {}
+    for s in z_slabs(seg.shape):
+        values, counts = np.unique(seg[s], return_counts=True)
+        for v, c in zip(values.tolist(), counts.tolist()):
+            total[int(v)] = total.get(int(v), 0) + int(c)
+    return dict(sorted(total.items()))
 
 
 def dataset_fingerprint(info: DatasetInfo, per_case: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
