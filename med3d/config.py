@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
@@ -219,6 +219,9 @@ class DatasetEntry:
     # Self-supervised tasks on a plain folder of images: one name per channel (CT, T2, ...), which chooses
     # the normalisation as for labelled data of that modality; null: one channel named 'image' (z-scored).
     modality: Optional[List[str]] = None
+    # Segmentation tasks: pseudo-labelled scans (a `med3d pseudo-label` folder) trained beside the labelled
+    # cases by the same head (teacher-student); null: none.
+    pseudo: Optional[PseudoConfig] = None
 
 
 @dataclass
@@ -247,6 +250,42 @@ class AugmentConfig:
     gamma: float = 0.3
     noise: float = 0.1
     blur: float = 0.1
+
+
+# A student learns more from pseudo-labels under stronger noise than its teacher saw (Xie et al.'s noisy
+# student): at least these probabilities and ranges (larger rotations and zooms, and intensity changes,
+# noise and blur in most patches) for the augmentations data.augment turns on.
+STUDENT_AUGMENT = dict(affine=0.5, rotate_deg=30.0, scale=0.25, intensity_scale=0.5, intensity_shift=0.5,
+                       gamma=0.5, noise=0.5, blur=0.3)
+# The range keys of STUDENT_AUGMENT and the probability that switches each on.
+_RANGE_OF = {"rotate_deg": "affine", "scale": "affine"}
+
+
+@dataclass
+class PseudoConfig:
+    """Pseudo-labelled scans trained beside a segmentation task's labelled cases."""
+
+    path: str  # folder written by `med3d pseudo-label` (its pseudo_labels.json lists the scans)
+    threshold: float = 0.9  # voxels whose confidence is below this count in no loss term
+    loss_weight: float = 1.0  # weight of the pseudo-labelled batches' loss (times the task's loss_weight)
+    # Augmentation of the pseudo-labelled patches, a whole section like data.augment (keys left out take their
+    # defaults); null: data.augment made stronger (STUDENT_AUGMENT), what it turns off staying off.
+    augment: Optional[AugmentConfig] = None
+
+    def student_augment(self, base: AugmentConfig) -> AugmentConfig:
+        """The augmentation of pseudo-labelled patches: ``augment``, else ``base`` raised to STUDENT_AUGMENT.
+
+        Each probability and range becomes the larger of ``base``'s and STUDENT_AUGMENT's, except where
+        ``base`` switches an augmentation off (probability 0): a flip or noise left out on purpose (left and
+        right anatomy, a clean modality) stays out for the student too.
+        """
+        if self.augment is not None:
+            return self.augment
+        raised = {}
+        for key, value in STUDENT_AUGMENT.items():
+            switch = getattr(base, _RANGE_OF.get(key, key))
+            raised[key] = getattr(base, key) if switch == 0 else max(getattr(base, key), value)
+        return replace(base, **raised)
 
 
 @dataclass
@@ -380,6 +419,10 @@ def _checked(value: Any, tp: Any, key: str) -> Any:
         raise Med3DError(f"config key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
+# Top-level sections that the experiment runners read (and remove) before the rest is a training config.
+_RUNNER_SECTIONS = {"study": "study", "teacher_student": "teacher-student"}
+
+
 def _build(cls: Any, data: Dict[str, Any], prefix: str) -> Any:
     if hasattr(cls, "_schema_variant"):  # keys that depend on one of them: model.encoder (arch), heads (type)
         cls, data = cls._schema_variant(data, prefix)
@@ -388,6 +431,9 @@ def _build(cls: Any, data: Dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
+        if not prefix and key in _RUNNER_SECTIONS:  # a study or teacher-student file given to another command
+            raise Med3DError(f"config key '{key}': this file describes several runs; run it with "
+                             f"'med3d {_RUNNER_SECTIONS[key]} FILE'")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(names)}"
@@ -510,7 +556,8 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
 
 # Input paths a config names (data and weights): relative to the file that names them, like _base_.
 # Outputs (data.cache_dir, run.out_dir) stay relative to the folder med3d runs in.
-INPUT_PATH_KEYS = ("data.datasets.*.path", "data.datasets.*.descriptor", "data.splits_file", "finetune.weights")
+INPUT_PATH_KEYS = ("data.datasets.*.path", "data.datasets.*.descriptor", "data.datasets.*.pseudo.path",
+                   "data.splits_file", "finetune.weights")
 
 
 def _absolute(value: Any, folder: Path) -> Any:
@@ -665,6 +712,9 @@ RANGES: Tuple[Tuple[str, V.Check], ...] = (
     ("data.datasets.*.spacing", V.spacing), ("data.datasets.*.channel", _channel),
     ("data.datasets.*.loss_weight", V.non_negative), ("data.datasets.*.crop_mm", V.each(V.positive, 3)),
     ("data.datasets.*.ct_window", _window),
+    ("data.datasets.*.pseudo.threshold", V.probability), ("data.datasets.*.pseudo.loss_weight", V.non_negative),
+    *((f"data.datasets.*.pseudo.augment.{k}", V.probability) for k in _PROBABILITIES),
+    ("data.datasets.*.pseudo.augment.rotate_deg", _degrees), ("data.datasets.*.pseudo.augment.scale", V.fraction),
     ("validation.every", V.at_least(0)), ("validation.overlap", V.fraction),
     ("validation.sw_batch_size", V.at_least(1)), ("validation.max_cases", V.at_least(1)),
     ("finetune.first_k", V.at_least(0)), ("finetune.unfreeze_at", V.at_least(0)),

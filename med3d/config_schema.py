@@ -154,8 +154,10 @@ def _rows(cls: type, prefix: str) -> List[Tuple[str, str, Any, str]]:
         if key.replace("<task>", "*") in C.INPUT_PATH_KEYS and "relative to" not in meaning:
             meaning += " (relative to the config file naming it)"  # the rule the loader applies
         rows.append((key, C._type_name(tp), _default(f), meaning + _valid(key)))
-        if dataclasses.is_dataclass(tp) and f.name not in ("encoder",):
-            rows += _rows(tp, key + ".")
+        optional = typing.get_origin(tp) is typing.Union  # Optional[Section]: its keys too
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] if optional else []
+        if (dataclasses.is_dataclass(tp) or inner) and f.name not in ("encoder",):
+            rows += _rows(tp if dataclasses.is_dataclass(tp) else inner[0], key + ".")
         if f.name == "datasets":
             rows += _rows(C.DatasetEntry, key + ".<task>.")
     return rows

@@ -12,13 +12,14 @@ from typing import Callable, List, Optional
 
 from .. import __version__
 from ..errors import Med3DError
-from . import analyze, data, explain, misc, new, predict, study, train, transfer
+from . import analyze, data, explain, misc, new, predict, pseudo, study, train, transfer
 from ._common import Subparsers
 
 # The order of `med3d --help`.
 ADDERS: List[Callable[[Subparsers], None]] = [
     train.add_demo, data.add_demo_data, misc.add_config, transfer.add_encoders, misc.add_bench,
     new.add_new_dataset, new.add_new_config, data.add_check_data, data.add_prepare, train.add_train, study.add_study, predict.add_predict, predict.add_evaluate,
+    pseudo.add_pseudo_label, pseudo.add_teacher_student,
     explain.add_explain, analyze.add_analyze, transfer.add_export, transfer.add_inflate, transfer.add_weights,
 ]
 

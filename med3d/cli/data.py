@@ -84,7 +84,8 @@ def _prepare_jobs(args: argparse.Namespace) -> list:
                 if t in cfg.model.heads and is_self_supervised(cfg, t) else
                 (e.path, cfg.data.cache_dir, dict(descriptor=e.descriptor, spacing=e.spacing,
                                                   normalization=e.normalization, check=cfg.data.check,
-                                                  crop_mm=e.crop_mm, label_map=e.label_map, ct_window=e.ct_window))
+                                                  crop_mm=e.crop_mm, label_map=e.label_map, ct_window=e.ct_window,
+                                                  pseudo=(cfg, t) if e.pseudo is not None else None))
                 for t, e in cfg.data.datasets.items()]
     if not args.datasets:
         raise Med3DError("prepare: name the dataset folders, or --config CONFIG for the datasets a config trains on")
@@ -126,7 +127,14 @@ def _prepare(args: argparse.Namespace) -> int:
             _prepare_classes(root, cache, overrides, progress=not args.quiet)
             continue
         overrides.pop("crop_mm", None)
+        pseudo = overrides.pop("pseudo", None)
         r = prepare_dataset(root, cache, workers=args.workers, progress=not args.quiet, **overrides)
+        if pseudo is not None and not r.failed:  # under the plan just made: the student's scans join the task's
+            from ..engine.task_data import prepare_pseudo
+
+            cfg, task = pseudo
+            folder = prepare_pseudo(cfg, task, r.folder, prepare=True, progress=not args.quiet)
+            print(f"{task}: pseudo-labelled scans of {cfg.data.datasets[task].pseudo.path} prepared -> {folder}")
         plan = r.plan
         norm = ", ".join(n["scheme"] for n in plan["normalization"])
         print(f"{plan['dataset']}: {r.done} case(s) prepared, {r.skipped} already cached, {len(r.failed)} failed; "

@@ -146,15 +146,32 @@ def prepare_case(case: Case, plan: Dict[str, Any], folder: Path) -> Dict[str, An
     image = read_channels(case.images)
     label = training_label(case, len(plan["labels"])) if case.label else None
     data, seg, props = preprocess(image, label, plan)
-    files = case_files(folder, case.case_id)
-    write_atomic(files["data"], lambda tmp: np.save(tmp, data))
     seg = seg if seg is not None else np.zeros((1, *data.shape[1:]), np.int16)
-    seg = seg.astype(np.int8 if seg.max() < 127 else np.int16)  # training_label made every value 0..K-1
+    props.update(plan_hash=plan_hash(plan), sources=source_stamp(_case_sources(case)))
+    return write_case(folder, case.case_id, data, seg, props)
+
+
+def write_case(folder: Path, case_id: str, data: np.ndarray, seg: np.ndarray, props: Dict[str, Any]
+               ) -> Dict[str, Any]:
+    """Write one preprocessed case: its arrays, foreground locations and, last, its properties.
+
+    Args:
+        folder: the dataset's cache folder.
+        case_id: the case.
+        data: float32 ``(C, Z, Y, X)``.
+        seg: integer ``(1, Z, Y, X)``, values below 127 stored as int8 (negative values: never sampling centres).
+        props: what ``preprocess`` recorded plus the plan hash and source stamps; completed here.
+
+    Returns:
+        ``props`` with the case id, present classes and shape.
+    """
+    files = case_files(folder, case_id)
+    write_atomic(files["data"], lambda tmp: np.save(tmp, data))
+    seg = seg.astype(np.int8 if seg.max() < 127 else np.int16)
     write_atomic(files["seg"], lambda tmp: np.save(tmp, seg))
-    locs = class_locations(seg[0], case_seed(case.case_id))
+    locs = class_locations(seg[0], case_seed(case_id))
     write_atomic(files["locs"], lambda tmp: np.savez(tmp, **locs))
-    props.update(case_id=case.case_id, plan_hash=plan_hash(plan), sources=source_stamp(_case_sources(case)),
-                 classes=sorted(int(k) for k in locs), shape=list(data.shape[1:]))
+    props.update(case_id=case_id, classes=sorted(int(k) for k in locs), shape=list(data.shape[1:]))
     write_json_atomic(files["props"], props)  # last: marks the case complete
     return props
 

@@ -131,6 +131,14 @@ class TaskData:
     kind: str = "segmentation"  # or "classification", or a self-supervised kind ("restore", "contrastive")
     class_balance: bool = True  # classification: each class drawn equally often
     corruption: Any = None  # restore: its ``CorruptionRates`` (None: Models Genesis' defaults)
+    head: Optional[str] = None  # the head it trains (None: the one named ``name``); pseudo-labels train another's
+    augment: Any = None  # its own ``AugmentConfig`` (None: the run's ``data.augment``)
+    ignore_label: Optional[int] = None  # pseudo-labels: the label of voxels left out of the loss
+
+    @property
+    def trains(self) -> str:
+        """The head this task's batches train."""
+        return self.head or self.name
 
 
 class MixSchedule:
@@ -161,6 +169,8 @@ class PatchBatches(Dataset):
         self.patch_size, self.micro_batch = tuple(int(p) for p in patch_size), int(micro_batch)
         self.foreground_share, self.seed = float(foreground_share), int(seed)
         self.augment = build_augment(augment)
+        # Tasks with augmentation of their own (pseudo-labelled scans: the student's stronger noise).
+        self.own_augment = {t.name: build_augment(t.augment) for t in self.tasks if t.augment is not None}
         self.reader = CaseReader()
         # Classification: each task's cases by class, in class order (class-balanced draws pick a pool).
         self.class_pools = {t.name: [[c for c in t.cases if c.label == label]
@@ -216,22 +226,23 @@ class PatchBatches(Dataset):
         rng = np.random.default_rng([self.seed, step, slot])
         if task.kind in ("restore", "contrastive"):
             batch = self.ssl_item(task, rng)
-            return {**batch, "task": task.name, "step": step, "slot": slot,
+            return {**batch, "task": task.name, "head": task.trains, "step": step, "slot": slot,
                     "forced_fg": torch.zeros(len(batch["image"]), dtype=torch.bool)}
+        augment = self.own_augment.get(task.name, self.augment)
         images, labels, forced = [], [], []
         for _ in range(self.micro_batch):
             img, lab, f = self.sample(task, rng)
-            if self.augment is not None:
-                self.augment.set_random_state(seed=int(rng.integers(2 ** 31)))
+            if augment is not None:
+                augment.set_random_state(seed=int(rng.integers(2 ** 31)))
                 voxelwise = lab.ndim == img.ndim  # a label map moves with the image; a class does not
                 seg = lab if voxelwise else np.zeros((1, *img.shape[1:]), np.int64)
-                out = self.augment({"image": torch.from_numpy(img), "label": torch.from_numpy(seg)})
+                out = augment({"image": torch.from_numpy(img), "label": torch.from_numpy(seg)})
                 img, lab = out["image"], (out["label"] if voxelwise else lab)
             images.append(torch.as_tensor(img, dtype=torch.float32))
             labels.append(torch.as_tensor(lab).round().long())
             forced.append(f)
         return {"image": torch.stack(images).as_subclass(torch.Tensor),
-                "label": torch.stack(labels).as_subclass(torch.Tensor), "task": task.name,
+                "label": torch.stack(labels).as_subclass(torch.Tensor), "task": task.name, "head": task.trains,
                 "step": step, "slot": slot, "forced_fg": torch.tensor(forced)}
 
 

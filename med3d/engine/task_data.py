@@ -29,6 +29,7 @@ from ..data.classification import (is_classification_dataset, read_classificatio
                                    require_valid_classification)
 from ..data.datalist import read_dataset
 from ..data.sampler import TaskData
+from ..data.pseudo import IGNORE, pseudo_cache, read_pseudo_set, shared_scans, teacher_saw
 from ..data.unlabelled import case_ids, check_unlabelled, prepare_unlabelled
 from ..ssl.corruptions import CorruptionRates
 from ..data.splits import (DEFAULT_FOLDS, Fold, groups_on_both_sides, make_folds, read_groups,
@@ -64,6 +65,9 @@ def check_tasks(cfg: Config) -> None:
         if not Path(entry.path).exists():
             raise Med3DError(f"data.datasets.{task}.path: dataset {entry.path} not found")
         if is_self_supervised(cfg, task):
+            if entry.pseudo is not None:
+                raise Med3DError(f"data.datasets.{task}.pseudo: pseudo-labels train a segmentation head, and task "
+                                 f"{task} has a self-supervised '{heads[task].type}' head; remove the entry")
             _check_unlabelled(cfg, task)
             continue
         for key in ("images", "modality"):
@@ -71,11 +75,24 @@ def check_tasks(cfg: Config) -> None:
                 raise Med3DError(f"data.datasets.{task}.{key}: only self-supervised tasks (restore, contrastive "
                                  f"heads) read unlabelled images; task {task} has a '{heads[task].type}' head")
         _check_kind(task, entry.path, heads[task].type)
+        if entry.pseudo is not None:
+            _check_pseudo(cfg, task)
         if entry.descriptor and not Path(entry.descriptor).is_file():
             raise Med3DError(f"data.datasets.{task}.descriptor: {entry.descriptor} not found")
     for task in heads:
         if task not in datasets:
             raise Med3DError(f"model.heads.{task}: no dataset for this head in data.datasets; add one or drop the head")
+
+
+def _check_pseudo(cfg: Config, task: str) -> None:
+    """Pseudo-labels join a segmentation task, from a folder that exists."""
+    entry = cfg.data.datasets[task]
+    if is_classification(cfg, task):
+        raise Med3DError(f"data.datasets.{task}.pseudo: pseudo-labels are label maps and task {task} is a "
+                         "classification task; remove the entry")
+    if not Path(entry.pseudo.path).is_dir():
+        raise Med3DError(f"data.datasets.{task}.pseudo.path: {entry.pseudo.path} not found; write it with "
+                         "'med3d pseudo-label CHECKPOINT SCANS... --out FOLDER'")
 
 
 def is_classification(cfg: Config, task: str) -> bool:
@@ -475,5 +492,75 @@ def setup_data(cfg: Config, info: DistInfo, progress: bool = True) -> DataSetup:
         plans[task] = {**plan, "channels": channels[task]}
         tasks.append(TaskData(task, train, plan, channels[task], entry.loss_weight))
         val[task] = held
+        if entry.pseudo is not None:
+            tasks.append(_pseudo_task(cfg, task, folders[task], setup, prepare=info.world == 1,
+                                      progress=progress and info.is_main))
     check_validation(cfg, val)
     return setup
+
+
+def pseudo_name(task: str) -> str:
+    """The name of a task's pseudo-labelled batches (in logs and ``split.json``); they train ``task``'s head."""
+    return f"{task}:pseudo"
+
+
+def prepare_pseudo(cfg: Config, task: str, labelled: Path, prepare: bool, progress: bool) -> Path:
+    """The cache folder of ``task``'s pseudo-labelled scans, under the plan of its labelled cache ``labelled``.
+
+    Args:
+        cfg: the run's config (``data.datasets.<task>.pseudo``).
+        task: a segmentation task with a ``pseudo`` entry.
+        labelled: the labelled dataset's cache folder.
+        prepare: prepare missing cases (False: DDP ranks only check).
+        progress: show a progress bar.
+
+    Returns:
+        The folder.
+
+    Raises:
+        Med3DError: a bad pseudo-label folder, other classes than the task's, or a case that fails.
+    """
+    entry, where = cfg.data.datasets[task].pseudo, f"data.datasets.{task}.pseudo.path"
+    pset = read_pseudo_set(entry.path, where)
+    plan = json.loads((labelled / "plan.json").read_text())
+    return pseudo_cache(pset, plan, entry.threshold, cfg.data.cache_dir, cfg.data.workers, progress, where, prepare,
+                        also_ignored=cfg.train.ignore_label)
+
+
+def _pseudo_task(cfg: Config, task: str, labelled: Path, setup: DataSetup, prepare: bool, progress: bool
+                 ) -> TaskData:
+    """A segmentation task's pseudo-labelled scans as a task of their own that trains ``task``'s head.
+
+    Every scan trains (validation stays on the labelled cases), with the pseudo entry's loss weight and
+    the student's augmentation; voxels under the confidence threshold carry ``IGNORE``.
+
+    Raises:
+        Med3DError: a pseudo-labelled scan is one of the task's validation scans (its score would be
+            measured on a scan the student trained on).
+    """
+    entry = cfg.data.datasets[task]
+    pseudo = entry.pseudo
+    folder = prepare_pseudo(cfg, task, labelled, prepare, progress)
+    pset = read_pseudo_set(pseudo.path, f"data.datasets.{task}.pseudo.path")
+    info = read_dataset(entry.path, entry.label_map)
+    held = set(setup.splits[task]["val"])
+    leaked = shared_scans(pset, [img for c in info.cases if c.case_id in held for img in c.images[:1]])
+    if leaked:
+        raise Med3DError(f"data.datasets.{task}.pseudo.path: pseudo-labelled scan {leaked[0]} is a validation case "
+                         f"of task {task}; its score would be measured on a scan the student trained on. "
+                         "Pseudo-label only scans outside the validation split")
+    taught = teacher_saw(pset, entry.path, held)
+    if taught:
+        raise Med3DError(f"data.datasets.{task}.pseudo.path: the teacher of {pseudo.path} trained on {taught[0]}, a "
+                         f"validation case of task {task} here (another fold or split); the student would learn its "
+                         "labels through the teacher. Pseudo-label with a teacher trained on this split's training "
+                         "cases")
+    plan, cases = load_cache(folder, [c.case_id for c in pset.cases])
+    name = pseudo_name(task)
+    setup.splits[name] = {"how": f"every scan of {pseudo.path} (threshold {pseudo.threshold})",
+                          "train": [c.case_id for c in cases], "val": [], "pseudo": True}
+    kept = [c.props.get("trained_share", 1.0) for c in cases]
+    log.info("task %s: %d pseudo-labelled scan(s), %.1f%% of their voxels at confidence >= %g", task, len(cases),
+             100 * float(np.mean(kept)), pseudo.threshold)
+    return TaskData(name, cases, plan, setup.channels[task], entry.loss_weight * pseudo.loss_weight,
+                    head=task, augment=pseudo.student_augment(cfg.data.augment), ignore_label=IGNORE)

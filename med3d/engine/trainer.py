@@ -28,6 +28,7 @@ from ..errors import Med3DError
 from ..atomic import write_json_atomic, write_text_atomic
 from ..models.multitask import MultiTaskModel
 from ..tasks import kind_for_head, self_supervised_line
+from ..tasks.segmentation import SegLoss
 from ..transfer.policies import init_state_dict
 from ..transfer.load import load_pretrained
 from .checkpoints import load_training, prune, publish_last, save_training, set_rng_state
@@ -214,6 +215,7 @@ class Trainer:
         self.info = info = init_distributed()
         # Before anything is written (the cache, the run files): one training per folder, never over an old run.
         reads = [cfg.data.cache_dir, *(e.path for e in cfg.data.datasets.values()),
+                 *(e.pseudo.path for e in cfg.data.datasets.values() if e.pseudo is not None),
                  *([cfg.finetune.weights] if self.job == "finetune" and cfg.finetune.weights else []),
                  *([cfg.data.splits_file] if cfg.data.splits_file else [])]
         self.lock = main_decides(info, lambda: claim_run_folder(cfg.run.out_dir, resume=saved is not None,
@@ -229,6 +231,9 @@ class Trainer:
         self.cfg = cfg = replace(cfg, model=replace(cfg.model, adapters=self.data.adapters))
         self.kinds = {t: kind_for_head(h.type, f"model.heads.{t}.type") for t, h in cfg.model.heads.items()}
         self.losses = {t: kind.loss(cfg.train).to(info.device) for t, kind in self.kinds.items()}
+        for t in self.data.tasks:  # pseudo-labelled batches: their head's loss, low-confidence voxels left out
+            if t.ignore_label is not None:
+                self.losses[t.name] = SegLoss(cfg.train.loss, t.ignore_label).to(info.device)
         self.model, report = self.build_model(fresh=saved is None)
         self.opt = build_optimizer(self.model, cfg)
         self.sched = build_scheduler(self.opt, cfg)
@@ -238,6 +243,7 @@ class Trainer:
             self.restore(saved)
         self.state.start = self.state.step
         self.meta = {"job": self.job, "tasks": list(cfg.data.datasets), "plans": self.data.plans,
+                     "pseudo_plans": self.pseudo_plans(),
                      "patch_size": cfg.data.patch_size, "in_channels": cfg.model.encoder.in_channels}
         self.out = Path(cfg.run.out_dir)
         if saved is not None and info.is_main:  # what was logged after the checkpoint is logged again from here
@@ -271,24 +277,35 @@ class Trainer:
         if ts["scaler"]:
             self.scaler.load_state_dict(ts["scaler"])
         set_rng_state(ts["rng"])
-        self.check_plans(saved.get("meta", {}).get("plans", {}))
+        self.check_plans(saved.get("meta", {}).get("plans", {}), saved.get("meta", {}).get("pseudo_plans", {}))
         self.state.step, self.state.best = int(ts["sampler"]["next_step"]), ts["best"]
         if self.state.step > self.cfg.train.iterations:
             raise Med3DError(f"train.iterations {self.cfg.train.iterations}: the checkpoint is already at iteration "
                              f"{self.state.step}; a resumed run can only be extended")
 
-    def check_plans(self, saved: Dict[str, Any]) -> None:
-        """A resumed run trains on what the checkpoint trained on: the same plan for every task.
+    def check_plans(self, saved: Dict[str, Any], pseudo: Dict[str, str]) -> None:
+        """A resumed run trains on what the checkpoint trained on: the same plan for every task, and the same
+        pseudo-labels (teacher and threshold) for a student.
 
         Raises:
-            Med3DError: a dataset's plan changed since (its dataset.json, crop size, spacing, ...).
+            Med3DError: a dataset's plan changed since (its dataset.json, crop size, spacing, ...), or the
+                pseudo-labels were written again by another teacher.
         """
+        for name, phash in self.pseudo_plans().items():
+            if pseudo.get(name, phash) != phash:
+                raise Med3DError(f"task {name}: the pseudo-labels changed since the checkpoint was written (another "
+                                 "teacher or threshold); a resumed run must train on the same data, so start a new "
+                                 "run instead")
         for task, plan in self.data.plans.items():
             old = saved.get(task, {}).get("plan_hash")
             if old is not None and old != plan.get("plan_hash"):
                 raise Med3DError(f"task {task}: its dataset's plan changed since the checkpoint was written "
                                  f"(plan {old} -> {plan.get('plan_hash')}); a resumed run must train on the same "
                                  "data, so start a new run instead")
+
+    def pseudo_plans(self) -> Dict[str, str]:
+        """The cache hash (plan, threshold, teacher) of each pseudo-labelled task."""
+        return {t.name: t.plan["plan_hash"] for t in self.data.tasks if t.ignore_label is not None}
 
     def write_run_files(self, report: Optional[str]) -> None:
         if not self.info.is_main:
@@ -381,7 +398,7 @@ class Trainer:
         total = 0.0
         for a in range(cfg.train.accumulate):
             batch = next(self.batches)
-            task = batch["task"]
+            task, head = batch["task"], batch.get("head", batch["task"])
             x = batch["image"].to(info.device, non_blocking=True)
             y = batch["label"].to(info.device, non_blocking=True)
             if cfg.train.channels_last:
@@ -390,7 +407,7 @@ class Trainer:
             sync = self.net.no_sync() if info.distributed and not last else contextlib.nullcontext()
             with sync:
                 with torch.autocast(info.device.type, dtype=self.amp, enabled=self.amp is not None):
-                    logits = self.forward(x, task)
+                    logits = self.forward(x, head)
                 loss = self.losses[task](logits, y) * self.loss_weights[task] / cfg.train.accumulate
                 self.scaler.scale(loss).backward()
             total += float(loss.detach())

@@ -7,7 +7,7 @@ of classes), and full-size ``K``-channel probabilities are built only when asked
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -46,8 +46,31 @@ def restore_labels(probs: np.ndarray, props: Dict[str, Any], plan: Dict[str, Any
     Returns:
         The argmax label map with the original shape; voxels outside the crop are 0.
     """
+    return _restore(probs, props, plan, None)
+
+
+def restore_labels_and_confidence(probs: np.ndarray, props: Dict[str, Any], plan: Dict[str, Any]
+                                  ) -> Tuple[np.ndarray, np.ndarray]:
+    """``restore_labels`` and, beside it, the probability of each voxel's label (its maximum probability).
+
+    Args:
+        probs: class probabilities on the plan grid (not logits: the maximum is the confidence).
+        props, plan: as for ``restore_labels``.
+
+    Returns:
+        The label map and a float32 confidence map, both with the original shape; outside the crop the
+        label is background with confidence 1, as ``restore_probabilities`` has it.
+    """
+    confidence = np.ones(props["geometry"]["shape"], dtype=np.float32)
+    return _restore(probs, props, plan, confidence), confidence
+
+
+def _restore(probs: np.ndarray, props: Dict[str, Any], plan: Dict[str, Any],
+             confidence: Optional[np.ndarray]) -> np.ndarray:
+    """The class-by-class argmax of ``restore_labels``; writes the running maximum into ``confidence``."""
     labels = np.zeros(props["geometry"]["shape"], dtype=label_dtype(probs.shape[0]))
     region = labels[_crop_region(props)]
+    kept = confidence[_crop_region(props)] if confidence is not None else None
     # Slab by slab (anisotropic cases), class by class: the running maximum holds one slab or one volume.
     pieces = [_class_pieces(probs, k, props, plan) for k in range(probs.shape[0])]
     for first in pieces[0]:
@@ -57,9 +80,11 @@ def restore_labels(probs: np.ndarray, props: Dict[str, Any], plan: Dict[str, Any
             _, p = next(pieces[k])
             better = p > best
             region[where][better] = k
-            if k + 1 < len(pieces):
+            if k + 1 < len(pieces) or kept is not None:  # the last class's maximum matters only as confidence
                 np.maximum(best, p, out=best)
             del better, p
+        if kept is not None:
+            kept[where] = best
         del best
     return labels
 
@@ -109,3 +134,23 @@ def resample_onto(volume: np.ndarray, src: Geometry, dst: Geometry) -> np.ndarra
                         sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
 
+
+
+def restore_volume(values: np.ndarray, props: Dict[str, Any], plan: Dict[str, Any], outside: float) -> np.ndarray:
+    """One float volume ``(z, y, x)`` on the plan grid back on the original grid (trilinear), ``outside`` beyond
+    the crop; for per-voxel scores such as the mirror agreement of pseudo-labels.
+
+    Args:
+        values: the volume on the preprocessed grid.
+        props, plan: as for ``restore_labels``.
+        outside: the value of voxels outside the crop.
+
+    Returns:
+        Float32 with the original shape.
+    """
+    full = np.full(props["geometry"]["shape"], outside, dtype=np.float32)
+    region = full[_crop_region(props)]
+    for where, piece in resample_pieces(np.asarray(values, dtype=np.float32), props["cropped_shape"],
+                                        plan["target_spacing"], props["spacing_zyx"]):
+        region[where] = piece
+    return full

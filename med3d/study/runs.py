@@ -158,13 +158,17 @@ def result_row(summary: Dict[str, Any], run_dir: Path, levels: List[float] = ())
     split = json.loads(split_path.read_text()) if split_path.is_file() else {}
     final = summary.get("final") or {"tasks": {}, "score": NAN}
     best = summary.get("best") or {}
+    labelled = [s for s in split.values() if not s.get("pseudo")]  # pseudo-labelled scans are counted apart
     row: Dict[str, Any] = {
-        "n_train": sum(len(s["train"]) for s in split.values()) if split else NAN,
-        "n_val": sum(len(s["val"]) for s in split.values()) if split else NAN,
+        "n_train": sum(len(s["train"]) for s in labelled) if split else NAN,
+        "n_val": sum(len(s["val"]) for s in labelled) if split else NAN,
         "final": final["score"], "best": best.get("metric") if best.get("metric") is not None else NAN,
         "best_iteration": best.get("iteration"), "iterations": summary.get("iterations"),
         "wall_s": summary.get("wall_s", summary.get("seconds", NAN)),
     }
+    pseudo = [s for s in split.values() if s.get("pseudo")]
+    if pseudo:
+        row["n_pseudo"] = sum(len(s["train"]) for s in pseudo)
     for entry in final["tasks"].values():
         for name, value in (entry.get("dice") or {}).items():
             row[f"dice_{name}"] = value
