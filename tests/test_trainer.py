@@ -79,6 +79,21 @@ def test_training_step_computes_in_the_autocast_dtype(demo_root, tmp_path, cfg_d
     assert seen == [dtype, dtype]
 
 
+@pytest.mark.slow
+def test_train_threads_apply_to_the_run_and_are_given_back(demo_root, tmp_path, cfg_dict):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = from_dict(cfg_dict(demo_root, tmp_path, tasks=SPLEEN, train={"iterations": 1, "threads": 2}))
+        trainer = Trainer(cfg, "pretrain", progress=False, tensorboard=False)
+        trainer.setup()
+        assert torch.get_num_threads() == 2
+        trainer.close()
+        assert torch.get_num_threads() == 1  # an in-process caller (the API, a notebook) keeps its own setting
+    finally:
+        torch.set_num_threads(before)
+
+
 class _Stop(Exception):
     pass
 

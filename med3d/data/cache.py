@@ -81,14 +81,20 @@ def case_files(folder: Path, case_id: str) -> Dict[str, Path]:
 
 def is_done(folder: Path, case: Case, phash: str) -> bool:
     """Whether ``case`` is cached completely under the plan with hash ``phash``."""
-    files = case_files(folder, case.case_id)
+    return case_done(folder, case.case_id, _case_sources(case), phash)
+
+
+def case_done(folder: Path, case_id: str, sources: Sequence[Path], phash: str) -> bool:
+    """Whether case ``case_id`` is cached completely in ``folder`` under plan hash ``phash``, from ``sources`` as
+    they are now (their sizes and mtimes)."""
+    files = case_files(folder, case_id)
     if not files["props"].is_file():
         return False
     try:
         props = json.loads(files["props"].read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return (props.get("plan_hash") == phash and props.get("sources") == source_stamp(_case_sources(case))
+    return (props.get("plan_hash") == phash and props.get("sources") == source_stamp(sources)
             and all(files[k].is_file() for k in ("data", "seg", "locs")))
 
 

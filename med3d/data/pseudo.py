@@ -23,7 +23,7 @@ import numpy as np
 from ..atomic import write_json_atomic
 from ..errors import Med3DError
 from ..workers import map_cases
-from .cache import case_files, source_stamp, write_case
+from .cache import case_done, source_stamp, write_case
 from .image import read_channels, read_image
 from .plan import crop
 from .preprocess import new_shape, preprocess, resample_channel
@@ -188,16 +188,6 @@ def _prepare_one(job: Tuple[PseudoCase, Dict[str, Any], float, Path, Optional[in
         return case.case_id, str(err)
 
 
-def _is_done(folder: Path, case: PseudoCase, phash: str) -> bool:
-    files = case_files(folder, case.case_id)
-    try:
-        props = json.loads(files["props"].read_text())
-    except (OSError, ValueError):
-        return False
-    return (props.get("plan_hash") == phash and props.get("sources") == source_stamp(case.sources())
-            and all(files[k].is_file() for k in ("data", "seg", "locs")))
-
-
 def pseudo_cache(pset: PseudoSet, plan: Dict[str, Any], threshold: float, cache_dir: str, workers: int,
                  progress: bool, where: str, prepare: bool = True, also_ignored: Optional[int] = None) -> Path:
     """The cache folder of ``pset`` under the labelled ``plan`` and ``threshold``, prepared first when ``prepare``.
@@ -228,7 +218,7 @@ def pseudo_cache(pset: PseudoSet, plan: Dict[str, Any], threshold: float, cache_
     own = {**{k: v for k, v in plan.items() if k != "plan_hash"}, "plan_hash": phash,
            "pseudo": {"threshold": threshold, "ignore_label": IGNORE, "also_ignored": also_ignored,
                       "teacher": pset.teacher}}
-    todo = [c for c in pset.cases if not _is_done(folder, c, phash)]
+    todo = [c for c in pset.cases if not case_done(folder, c.case_id, c.sources(), phash)]
     if not prepare:
         stored = folder / "plan.json"
         if todo or not stored.is_file() or json.loads(stored.read_text()).get("plan_hash") != phash:

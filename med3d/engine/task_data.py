@@ -27,9 +27,9 @@ from ..data.cache import CachedCase, cache_folder, check_prepared, load_cache, p
 from ..data.class_cache import class_plan, load_class_cache, prepare_classification
 from ..data.classification import (is_classification_dataset, read_classification_dataset,
                                    require_valid_classification)
-from ..data.datalist import read_dataset
+from ..data.datalist import DatasetInfo, read_dataset
 from ..data.sampler import TaskData
-from ..data.pseudo import IGNORE, pseudo_cache, read_pseudo_set, shared_scans, teacher_saw
+from ..data.pseudo import IGNORE, PseudoSet, pseudo_cache, read_pseudo_set, shared_scans, teacher_saw
 from ..data.unlabelled import case_ids, check_unlabelled, prepare_unlabelled
 from ..ssl.corruptions import CorruptionRates
 from ..data.splits import (DEFAULT_FOLDS, Fold, groups_on_both_sides, make_folds, read_groups,
@@ -477,8 +477,8 @@ def setup_data(cfg: Config, info: DistInfo, progress: bool = True) -> DataSetup:
         if is_self_supervised(cfg, task):
             tasks.append(_ssl_task(cfg, task, folders[task], setup, info.world))
             continue
-        declared = [c.case_id for c in read_dataset(entry.path).cases]
-        plan, cases = load_cache(folders[task], declared)
+        info_ds = read_dataset(entry.path)
+        plan, cases = load_cache(folders[task], [c.case_id for c in info_ds.cases])
         n_labels = len(plan["labels"])
         if cfg.model.heads[task].num_classes != n_labels:
             raise Med3DError(f"model.heads.{task}.num_classes is {cfg.model.heads[task].num_classes} but dataset "
@@ -493,7 +493,7 @@ def setup_data(cfg: Config, info: DistInfo, progress: bool = True) -> DataSetup:
         tasks.append(TaskData(task, train, plan, channels[task], entry.loss_weight))
         val[task] = held
         if entry.pseudo is not None:
-            tasks.append(_pseudo_task(cfg, task, folders[task], setup, prepare=info.world == 1,
+            tasks.append(_pseudo_task(cfg, task, folders[task], info_ds, setup, prepare=info.world == 1,
                                       progress=progress and info.is_main))
     check_validation(cfg, val)
     return setup
@@ -504,7 +504,8 @@ def pseudo_name(task: str) -> str:
     return f"{task}:pseudo"
 
 
-def prepare_pseudo(cfg: Config, task: str, labelled: Path, prepare: bool, progress: bool) -> Path:
+def prepare_pseudo(cfg: Config, task: str, labelled: Path, prepare: bool, progress: bool,
+                   pset: Optional[PseudoSet] = None) -> Path:
     """The cache folder of ``task``'s pseudo-labelled scans, under the plan of its labelled cache ``labelled``.
 
     Args:
@@ -513,6 +514,7 @@ def prepare_pseudo(cfg: Config, task: str, labelled: Path, prepare: bool, progre
         labelled: the labelled dataset's cache folder.
         prepare: prepare missing cases (False: DDP ranks only check).
         progress: show a progress bar.
+        pset: the pseudo-labelled set already read (None: read it from the config's path).
 
     Returns:
         The folder.
@@ -521,28 +523,28 @@ def prepare_pseudo(cfg: Config, task: str, labelled: Path, prepare: bool, progre
         Med3DError: a bad pseudo-label folder, other classes than the task's, or a case that fails.
     """
     entry, where = cfg.data.datasets[task].pseudo, f"data.datasets.{task}.pseudo.path"
-    pset = read_pseudo_set(entry.path, where)
+    pset = pset or read_pseudo_set(entry.path, where)
     plan = json.loads((labelled / "plan.json").read_text())
     return pseudo_cache(pset, plan, entry.threshold, cfg.data.cache_dir, cfg.data.workers, progress, where, prepare,
                         also_ignored=cfg.train.ignore_label)
 
 
-def _pseudo_task(cfg: Config, task: str, labelled: Path, setup: DataSetup, prepare: bool, progress: bool
-                 ) -> TaskData:
+def _pseudo_task(cfg: Config, task: str, labelled: Path, info: DatasetInfo, setup: DataSetup, prepare: bool,
+                 progress: bool) -> TaskData:
     """A segmentation task's pseudo-labelled scans as a task of their own that trains ``task``'s head.
 
-    Every scan trains (validation stays on the labelled cases), with the pseudo entry's loss weight and
-    the student's augmentation; voxels under the confidence threshold carry ``IGNORE``.
+    Every scan trains (validation stays on the labelled cases, of the labelled dataset ``info``), with the
+    pseudo entry's loss weight and the student's augmentation; voxels under the confidence threshold carry
+    ``IGNORE``. The leak checks come before any preprocessing.
 
     Raises:
-        Med3DError: a pseudo-labelled scan is one of the task's validation scans (its score would be
-            measured on a scan the student trained on).
+        Med3DError: a pseudo-labelled scan is one of the task's validation scans, or the teacher trained on one
+            of them (the score would be measured on what the student learnt from); or what
+            ``prepare_pseudo`` raises.
     """
     entry = cfg.data.datasets[task]
     pseudo = entry.pseudo
-    folder = prepare_pseudo(cfg, task, labelled, prepare, progress)
     pset = read_pseudo_set(pseudo.path, f"data.datasets.{task}.pseudo.path")
-    info = read_dataset(entry.path, entry.label_map)
     held = set(setup.splits[task]["val"])
     leaked = shared_scans(pset, [img for c in info.cases if c.case_id in held for img in c.images[:1]])
     if leaked:
@@ -555,6 +557,7 @@ def _pseudo_task(cfg: Config, task: str, labelled: Path, setup: DataSetup, prepa
                          f"validation case of task {task} here (another fold or split); the student would learn its "
                          "labels through the teacher. Pseudo-label with a teacher trained on this split's training "
                          "cases")
+    folder = prepare_pseudo(cfg, task, labelled, prepare, progress, pset)  # after the checks: no work in vain
     plan, cases = load_cache(folder, [c.case_id for c in pset.cases])
     name = pseudo_name(task)
     setup.splits[name] = {"how": f"every scan of {pseudo.path} (threshold {pseudo.threshold})",

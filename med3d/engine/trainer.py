@@ -223,6 +223,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
         if cfg.train.threads:
+            self.threads_before = torch.get_num_threads()  # given back in close(): a caller's process keeps its own
             torch.set_num_threads(cfg.train.threads)
         if info.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -507,13 +508,15 @@ class Trainer:
         return summary
 
     def close(self) -> None:
-        """Release the logger and the process group, also after an error."""
+        """Release the logger, the process group, the run lock and the thread count, also after an error."""
         if getattr(self, "logger", None) is not None:
             self.logger.close()
         if getattr(self, "info", None) is not None:
             cleanup(self.info)
         if getattr(self, "lock", None) is not None:
             self.lock.release()
+        if getattr(self, "threads_before", None):
+            torch.set_num_threads(self.threads_before)
 
 
 def train(cfg: Config, job: str = "pretrain", resume: Optional[str] = None, progress: bool = True,
