@@ -21,7 +21,7 @@ from . import values as V
 from .errors import Med3DError
 from .atomic import write_yaml_atomic
 from .registry import ENCODERS, HEADS, REQUIRED, Registry
-from .resources import resource_root
+from .resources import config_path, resource_root
 
 # The shipped configs (a wheel's packaged copy, or configs/ in a checkout); code that loads one
 # uses med3d.resources.resource_path, which says so when the install lacks it.
@@ -779,7 +779,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
     rest (shipped templates, ``--set`` values) against the working folder, so a saved resolved config
     means the same wherever it is read again.
     """
-    data = load_yaml_tree(path) if path is not None else {}
+    data = load_yaml_tree(config_path(path)) if path is not None else {}
     return from_dict(resolve_input_paths(apply_overrides(data, overrides), Path.cwd()))
 
 

@@ -83,3 +83,15 @@ def test_verify_reports_lines_and_the_reason_it_fails(tmp_path):
     assert "does not start with f37072fd" in result.error
     with pytest.raises(Med3DError, match="absent.pth: weights file not found"):
         verify_weights(tmp_path / "absent.pth")
+
+
+def test_training_and_runner_configs_are_found_by_their_shipped_name_from_any_folder(tmp_path, monkeypatch):
+    from med3d.config import load_config
+    from med3d.study.grid import load_study
+    from med3d.study.teacher_student import load_rounds
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here: an installed wheel's user in a project folder
+    assert load_config("configs/demo/finetune.yaml").run.out_dir == "runs/demo/finetune"
+    assert load_study("configs/demo/study.yaml").inits
+    rounds = load_rounds("configs/demo/teacher_student.yaml")
+    assert rounds.rounds == 2 and rounds.unlabelled == [str(tmp_path.resolve() / "runs/demo/data/Task09_SpleenDemo/imagesTs")]

@@ -144,7 +144,9 @@ def load_study(path: Union[str, Path], overrides: Sequence[str] = ()) -> Study:
     Raises:
         Med3DError: a bad key or value, named in one line.
     """
-    path = Path(path)
+    from ..resources import config_path
+
+    path = config_path(path)  # a shipped study by its name, from any folder
     # As load_config: paths in the files relative to them (load_yaml_tree), --set paths to the working folder.
     base = resolve_input_paths(apply_overrides(load_yaml_tree(path), overrides), Path.cwd())
     raw = _study_section(base.pop("study", None), path)

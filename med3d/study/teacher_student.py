@@ -76,7 +76,9 @@ def load_rounds(path: Union[str, Path], overrides: Sequence[str] = ()) -> Rounds
     Raises:
         Med3DError: a bad key or value, named in one line.
     """
-    path = Path(path)
+    from ..resources import config_path
+
+    path = config_path(path)  # a shipped config by its name, from any folder
     base = resolve_input_paths(apply_overrides(load_yaml_tree(path), overrides), Path.cwd())
     raw = _section(base.pop("teacher_student", None), path)
     cfg = from_dict(base)
