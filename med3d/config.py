@@ -772,6 +772,30 @@ def from_dict(data: Dict[str, Any]) -> Config:
     return check_ranges(_build(Config, data, ""))
 
 
+def load_runner_file(path: Union[str, Path], overrides: Sequence[str], section: str
+                     ) -> Tuple[Path, Dict[str, Any], Any]:
+    """A study or teacher-student file: a training config plus a top-level ``section`` that its runner reads.
+
+    Paths resolve as ``load_config`` resolves them (in the files against the files, ``--set`` values
+    against the working folder); a shipped file is found by its name from any folder.
+
+    Args:
+        path: the YAML file.
+        overrides: ``--set key=value`` for the config or the section.
+        section: the runner's key (``study``, ``teacher_student``).
+
+    Returns:
+        The file's path, the config mapping without the section (not yet validated), and the section
+        as written (None when absent).
+
+    Raises:
+        Med3DError: the file cannot be read or merged.
+    """
+    path = config_path(path)
+    base = resolve_input_paths(apply_overrides(load_yaml_tree(path), overrides), Path.cwd())
+    return path, base, base.pop(section, None)
+
+
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
     """Load, merge, override and validate a config (``path=None``: the schema defaults).
 

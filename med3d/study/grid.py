@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from ..config import Config, _shipped, apply_overrides, from_dict, load_yaml_tree, resolve_input_paths
+from ..config import Config, _shipped, from_dict, load_runner_file, resolve_input_paths
 from ..errors import Med3DError
 
 Size = Union[int, float]
@@ -144,12 +144,8 @@ def load_study(path: Union[str, Path], overrides: Sequence[str] = ()) -> Study:
     Raises:
         Med3DError: a bad key or value, named in one line.
     """
-    from ..resources import config_path
-
-    path = config_path(path)  # a shipped study by its name, from any folder
-    # As load_config: paths in the files relative to them (load_yaml_tree), --set paths to the working folder.
-    base = resolve_input_paths(apply_overrides(load_yaml_tree(path), overrides), Path.cwd())
-    raw = _study_section(base.pop("study", None), path)
+    path, base, raw = load_runner_file(path, overrides, "study")
+    raw = _study_section(raw, path)
     from_dict(base)  # the base alone must be a valid config
     folds, seeds = raw.get("folds"), raw.get("seeds")
     if folds is not None and (not isinstance(folds, int) or folds < 2):

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..atomic import write_json_atomic, write_text_atomic
-from ..config import Config, _absolute, _shipped, apply_overrides, from_dict, load_yaml_tree, resolve_input_paths
+from ..config import Config, _absolute, _shipped, from_dict, load_runner_file
 from ..errors import Med3DError
 
 KEYS = ("unlabelled", "rounds", "threshold", "loss_weight", "mirror", "augment", "task")
@@ -76,11 +76,8 @@ def load_rounds(path: Union[str, Path], overrides: Sequence[str] = ()) -> Rounds
     Raises:
         Med3DError: a bad key or value, named in one line.
     """
-    from ..resources import config_path
-
-    path = config_path(path)  # a shipped config by its name, from any folder
-    base = resolve_input_paths(apply_overrides(load_yaml_tree(path), overrides), Path.cwd())
-    raw = _section(base.pop("teacher_student", None), path)
+    path, base, raw = load_runner_file(path, overrides, "teacher_student")
+    raw = _section(raw, path)
     cfg = from_dict(base)
     segmentation = [t for t, h in cfg.model.heads.items() if h.type in ("med3d", "unet")]
     task = raw.get("task") or (segmentation[0] if len(segmentation) == 1 else None)
