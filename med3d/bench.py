@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .device import resolve_device
+from .device import resolve_device, torch_threads
 
 
 def _seconds_per_call(fn, repeats: int, dev: torch.device) -> float:
@@ -163,8 +163,15 @@ def infer_bench(shape_zyx: Sequence[int] = (128, 256, 256), patch: Sequence[int]
 
     Same model (the demo encoder with one Med3D head), same window, overlap, batch of windows and
     Gaussian blending. med3d's figure includes its pre- and post-processing (crop, normalise,
-    restore to the input grid); the baseline is the bare network pass. On the CPU each figure is
-    the fastest of ``repeats`` calls, the two taking turns; ``cpu_time``: CPU seconds on one thread.
+    restore to the input grid); the baseline is the bare network pass over the volume normalised
+    beforehand. Both are timed twice: with
+    the network, and with a stand-in that only allocates the network's output (``ZeroNetwork``),
+    which leaves what each costs beside the network: that part is steady, where the whole is
+    dominated by the shared network time and its run-to-run spread. On the CPU each figure is the
+    fastest of ``repeats`` calls, all taking turns; ``cpu_time``: CPU seconds on one thread.
+
+    Returns:
+        Seconds per case: ``monai``, ``med3d`` (with the network), ``monai_beside``, ``med3d_beside``.
     """
     from monai.inferers import sliding_window_inference
 
@@ -186,47 +193,67 @@ def infer_bench(shape_zyx: Sequence[int] = (128, 256, 256), patch: Sequence[int]
     plan = {"channel_names": ["CT"], "labels": {"0": "background", "1": "spleen"}, "channels": None,
             "target_spacing": [3.0, 1.5, 1.5], "crop_nonzero": True,
             "normalization": [{"scheme": "ct", "clip": [-100.0, 200.0], "mean": 40.0, "std": 30.0}]}
-    predictor = Predictor(model, {"plans": {task: plan}, "patch_size": list(patch)}, dev)
+    meta = {"plans": {task: plan}, "patch_size": list(patch)}
     amp = torch.bfloat16 if dev.type == "cuda" else None
+    # The baseline gets the volume as the network sees it (normalised once, untimed): the network's speed
+    # depends on its input's values, a few percent between raw and normalised CT here.
+    x = Predictor(model, meta, dev).prepare(image, task)[0]
+    fns = {}
+    for suffix, net in (("", model), ("_beside", ZeroNetwork(2))):
+        predictor = Predictor(net, meta, dev)
 
-    def plain() -> None:
-        x = torch.from_numpy(vol)[None].to(dev)
-        with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            sliding_window_inference(x, tuple(patch), sw_batch_size, lambda t: model(t, task), overlap=overlap,
-                                     mode="gaussian")
+        def plain(net=net) -> None:
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                sliding_window_inference(x, tuple(patch), sw_batch_size, lambda t: net(t, task), overlap=overlap,
+                                         mode="gaussian")
 
-    def ours() -> None:
-        predictor(image, task, overlap=overlap, sw_batch_size=sw_batch_size)
-
+        fns["monai" + suffix] = plain
+        fns["med3d" + suffix] = lambda predictor=predictor: predictor(image, task, overlap=overlap,
+                                                                      sw_batch_size=sw_batch_size)
     if dev.type == "cuda":
-        times = {name: _seconds_per_call(fn, repeats, dev) for name, fn in (("monai", plain), ("med3d", ours))}
+        times = {name: _seconds_per_call(fn, repeats, dev) for name, fn in fns.items()}
     else:  # taking turns, fastest call: background load on a shared CPU hits both alike
         with one_thread_cpu(cpu_time) as clock:
-            times = _fastest_interleaved({"monai": plain, "med3d": ours}, repeats, clock)
+            times = _fastest_interleaved(fns, repeats, clock)
     print(f"volume {list(shape_zyx)} (z, y, x), window {list(patch)}, overlap {overlap}, sw batch {sw_batch_size}, "
           f"{cfg.model.encoder.arch} widths {cfg.model.encoder.widths}, {dev}, "
           + ("CPU time on 1 thread" if cpu_time else f"torch threads {torch.get_num_threads()}"))
-    print(f"plain monai sliding_window_inference: {times['monai']:.2f} s/case")
-    print(f"med3d predict (incl. pre/post-processing): {times['med3d']:.2f} s/case "
-          f"(ratio med3d/monai {times['med3d'] / times['monai']:.2f})")
+    print(f"{'':>34} {'plain MONAI':>12} {'med3d predict':>14} {'med3d / MONAI':>14}")
+    for label, suffix in (("with the network, s/case", ""), ("beside the network, s/case", "_beside")):
+        mine, theirs = times["med3d" + suffix], times["monai" + suffix]
+        print(f"{label:>34} {theirs:>12.3f} {mine:>14.3f} {mine / theirs:>13.2f}x")
     return times
 
 
-def _fastest_interleaved(fns: Dict[str, Any], repeats: int, clock=time.perf_counter) -> Dict[str, float]:
-    """Fastest of ``repeats`` timed calls per function after a warm-up, the functions taking turns.
+class ZeroNetwork(torch.nn.Module):
+    """A stand-in network for timing what surrounds it: zeros of the right shape, at the cost of allocating them."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.classes = classes
+
+    def forward(self, x: torch.Tensor, task: Optional[str] = None) -> torch.Tensor:
+        return torch.zeros((x.shape[0], self.classes, *x.shape[2:]), device=x.device)
+
+
+def _fastest_interleaved(fns: Dict[str, Any], repeats: int, clock=time.perf_counter, block: int = 1
+                         ) -> Dict[str, float]:
+    """Fastest of ``repeats`` x ``block`` timed calls per function after a warm-up, the functions taking turns.
 
     Taking turns exposes both to the same background load; the fastest call is the one least
     disturbed by it (a shared CPU's load only ever adds time). ``clock``: ``time.process_time``
-    times CPU instead of wall time (see ``one_thread_cpu``).
+    times CPU instead of wall time (see ``one_thread_cpu``). ``block``: calls per turn, for short
+    calls where the previous function's idle worker threads, still spinning, would slow the next.
     """
     for fn in fns.values():
         fn()
     best = {name: float("inf") for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = clock()
-            fn()
-            best[name] = min(best[name], clock() - t0)
+            for _ in range(block):
+                t0 = clock()
+                fn()
+                best[name] = min(best[name], clock() - t0)
     return best
 
 
@@ -240,12 +267,8 @@ def one_thread_cpu(enabled: bool):
     if not enabled:
         yield time.perf_counter
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield time.process_time
-    finally:
-        torch.set_num_threads(threads)
 
 
 def onnx_bench(shape_zyx: Sequence[int] = (96, 192, 192), patch: Sequence[int] = (32, 64, 64), overlap: float = 0.5,
@@ -254,18 +277,23 @@ def onnx_bench(shape_zyx: Sequence[int] = (96, 192, 192), patch: Sequence[int] =
 
     One process, one model (the demo encoder with one Med3D head, exported with ``export_onnx``),
     one volume and the same ``Predictor`` code around the network call, so the ratio is the
-    network's; the bare batch-of-windows figure is printed beside it. Each figure is the fastest
-    of ``repeats`` calls (``10 * repeats`` for windows), the two runtimes taking turns.
+    network's; the bare batch-of-windows figure is printed beside it. Each CPU provider this
+    onnxruntime has is timed on its own (the plain CPU provider, and OpenVINO with
+    ``onnxruntime-openvino``). Each figure is the fastest of ``repeats`` calls (of ``repeats`` turns
+    of 10 calls for windows), all runtimes taking turns. PyTorch keeps its threads for the windows;
+    ``OnnxPredictor`` gives them up only around whole cases.
 
     Returns:
-        Seconds per case (``torch``, ``onnxruntime``), per window batch (``*_window``) and the ratios.
+        Seconds per case (``torch``, one per provider: ``CPUExecutionProvider``, ...), per window
+        batch (``*_window``), ``onnxruntime`` / ``ratio`` for the provider predict picks, and each
+        provider's speed-up over PyTorch (``ratio_<provider>``).
     """
     from .api import create_model
     from .config import load_config
     from .data.image import Geometry, Image
     from .export import export_onnx
     from .inference import Predictor
-    from .inference.onnx_runtime import onnx_predictor
+    from .inference.onnx_runtime import onnx_predictor, providers
     from .resources import resource_path
 
     dev = torch.device("cpu")
@@ -279,27 +307,34 @@ def onnx_bench(shape_zyx: Sequence[int] = (96, 192, 192), patch: Sequence[int] =
     meta = {"plans": {task: plan}, "patch_size": list(patch)}
     vol = np.random.default_rng(0).normal(40, 30, (1, *shape_zyx)).astype(np.float32)
     image = Image(vol, Geometry(tuple(shape_zyx), (1.5, 1.5, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    names = [p[0] if isinstance(p, tuple) else p for p in providers("cpu")]  # predict's pick first
     tmp = Path(tempfile.mkdtemp(prefix="med3d-bench-"))
     try:
         export_onnx(model, tmp / "model.onnx", patch, meta=meta)
-        runners = {"torch": Predictor(model, meta, dev), "onnxruntime": onnx_predictor(tmp / "model.onnx", "cpu")}
+        runners = {"torch": Predictor(model, meta, dev),
+                   **{name: onnx_predictor(tmp / "model.onnx", "cpu", name) for name in names}}
         x = torch.randn(sw_batch_size, 1, *patch)
         cases = {name: (lambda p=p: p(image, task, overlap=overlap, sw_batch_size=sw_batch_size))
                  for name, p in runners.items()}
         with torch.inference_mode():
             windows = {f"{name}_window": (lambda p=p: p.model(x, task)) for name, p in runners.items()}
             times: Dict[str, Any] = {**_fastest_interleaved(cases, repeats),
-                                     **_fastest_interleaved(windows, repeats * 10)}
+                                     **_fastest_interleaved(windows, repeats, block=10)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    times["ratio"] = times["torch"] / times["onnxruntime"]
-    times["ratio_window"] = times["torch_window"] / times["onnxruntime_window"]
+    for name in names:
+        times[f"ratio_{name}"] = times["torch"] / times[name]
+    times["onnxruntime"], times["ratio"] = times[names[0]], times[f"ratio_{names[0]}"]
     print(f"volume {list(shape_zyx)} (z, y, x), window {list(patch)}, overlap {overlap}, sw batch {sw_batch_size}, "
           f"{cfg.model.encoder.arch} widths {cfg.model.encoder.widths}, cpu, torch threads {torch.get_num_threads()}")
-    print(f"{'':>28} {'PyTorch eager':>14} {'onnxruntime':>12} {'speed-up':>9}")
-    print(f"{'predict, s/case':>28} {times['torch']:>14.2f} {times['onnxruntime']:>12.2f} {times['ratio']:>8.2f}x")
-    print(f"{'network, s/window batch':>28} {times['torch_window']:>14.3f} {times['onnxruntime_window']:>12.3f} "
-          f"{times['ratio_window']:>8.2f}x")
+    print(f"{'onnxruntime provider':>28} {'PyTorch eager':>14} {'onnxruntime':>12} {'speed-up':>9}")
+    for name in names:
+        short = name.replace("ExecutionProvider", "")
+        print(f"{short + ', s/case':>28} {times['torch']:>14.2f} {times[name]:>12.2f} "
+              f"{times['torch'] / times[name]:>8.2f}x")
+        print(f"{short + ', s/window batch':>28} {times['torch_window']:>14.3f} {times[name + '_window']:>12.3f} "
+              f"{times['torch_window'] / times[name + '_window']:>8.2f}x")
+    print(f"med3d predict picks {names[0]}")
     return times
 
 

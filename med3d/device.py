@@ -1,7 +1,8 @@
-"""The compute device a command runs on, checked where the user names it."""
+"""The compute device a command runs on, checked where the user names it; PyTorch's CPU threads for a block."""
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 
@@ -31,3 +32,14 @@ def resolve_device(device: Optional[str]) -> torch.device:
         raise Med3DError(f"--device {device}: not available here; use cpu" + (" or cuda" if torch.cuda.is_available()
                                                                                else ""))
     return dev
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """PyTorch's intra-op CPU threads set to ``n`` for the block, then given back as they were."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

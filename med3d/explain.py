@@ -326,7 +326,8 @@ def _jobs(paths: Sequence[PathLike], classifier: bool, center_mm: Optional[Seque
 
 
 def _explain_case(predictor: Predictor, job: Job, out: Path, task: str, class_index: Optional[int], method: str,
-                  layer: str, max_voxels: Optional[int], overwrite: bool) -> ExplainResult:
+                  layer: str, max_voxels: Optional[int], overwrite: bool,
+                  series: Optional[str] = None) -> ExplainResult:
     from .data.classification import ClassCase, roi_center_mm
     from .data.image import read_channels, write_image
 
@@ -335,7 +336,7 @@ def _explain_case(predictor: Predictor, job: Job, out: Path, task: str, class_in
     for path in (cam_path, png_path):
         if path.exists() and not overwrite:  # before the work rather than when writing
             raise Med3DError(f"{path}: already exists; pass --overwrite to replace it")
-    image = read_channels(files)
+    image = read_channels(files, series=series)
     if center is None and mask is not None:
         center = roi_center_mm(ClassCase(case, list(files), None, mask=mask), image)
     x, to_scan_grid = _network_input(predictor, image, task, str(files[0]), center)
@@ -355,7 +356,8 @@ def explain(checkpoint: PathLike, images: Union[PathLike, Sequence[PathLike]], o
             task: Optional[str] = None, class_index: Optional[int] = None, method: str = "gradcam",
             layer: str = "layer4", center_mm: Optional[Sequence[float]] = None,
             roi_masks: Optional[Sequence[PathLike]] = None, device: Optional[str] = None,
-            max_voxels: Optional[int] = DEFAULT_MAX_VOXELS, overwrite: bool = True) -> List[ExplainResult]:
+            max_voxels: Optional[int] = DEFAULT_MAX_VOXELS, overwrite: bool = True,
+            series: Optional[str] = None) -> List[ExplainResult]:
     """Write a class-activation map per scan: ``<case>_cam.nii.gz`` on the scan's grid and ``<case>_cam.png``.
 
     Args:
@@ -373,6 +375,8 @@ def explain(checkpoint: PathLike, images: Union[PathLike, Sequence[PathLike]], o
         device: ``cpu`` or ``cuda``; None picks CUDA when available.
         max_voxels: refuse scans whose network input has more voxels (None: no limit).
         overwrite: replace existing outputs.
+        series: the SeriesInstanceUID to read from DICOM folders that hold several (as ``--series`` of
+            predict; a folder holding several is refused without it).
 
     Returns:
         One result per scan, in input order.
@@ -380,7 +384,8 @@ def explain(checkpoint: PathLike, images: Union[PathLike, Sequence[PathLike]], o
     Raises:
         Med3DError: missing or plan-less checkpoint, unknown task, method or layer, class index out of
             range, ROI options for a segmentation task or not one per scan, no scans found, an unreadable
-            scan or one that does not fit the task (the first one stops the run; maps already written
+            scan (a DICOM folder of several series without ``series``, or without that series) or one that
+            does not fit the task (the first one stops the run; maps already written
             stay), a volume over ``max_voxels``, or an existing output without ``overwrite``.
     """
     from .inference.classify import is_classifier
@@ -399,5 +404,5 @@ def explain(checkpoint: PathLike, images: Union[PathLike, Sequence[PathLike]], o
     jobs = _jobs(paths, is_classifier(predictor, task), center_mm, roi_masks)
     if not jobs:
         raise Med3DError("no input scans found in " + ", ".join(str(p) for p in paths))
-    return [_explain_case(predictor, job, Path(out_dir), task, class_index, method, layer, max_voxels, overwrite)
-            for job in jobs]
+    return [_explain_case(predictor, job, Path(out_dir), task, class_index, method, layer, max_voxels, overwrite,
+                          series) for job in jobs]

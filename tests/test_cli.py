@@ -101,7 +101,7 @@ def test_benchmarks_run_and_report_ratios(capsys):
     rows = loader_bench(workers=[0], n=3)
     assert rows[0]["med3d"] > 0 and rows[0]["ratio"] == rows[0]["med3d"] / rows[0]["monai"]
     times = infer_bench(shape_zyx=(24, 64, 64), patch=(16, 32, 32))
-    assert set(times) == {"monai", "med3d"}
+    assert set(times) == {"monai", "med3d", "monai_beside", "med3d_beside"}
     out = capsys.readouterr().out
     assert "ratio" in out and "MONAI decode" in out
 

@@ -143,6 +143,62 @@ def test_onnx_bench_runs_tiny():
     assert times["torch"] > 0 and times["onnxruntime"] > 0 and times["ratio"] > 0
 
 
+def test_providers_put_the_fastest_first(monkeypatch):
+    from med3d.errors import Med3DError
+    from med3d.inference.onnx_runtime import OPENVINO, providers
+
+    def names(chosen):
+        return [p[0] if isinstance(p, tuple) else p for p in chosen]
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [OPENVINO, "CPUExecutionProvider"])
+    assert names(providers("cpu")) == names(providers(None)) == [OPENVINO, "CPUExecutionProvider"]
+    assert dict([providers("cpu")[0]])[OPENVINO]["device_type"] == "CPU"
+    assert providers("cpu", "CPUExecutionProvider") == ["CPUExecutionProvider"]
+    assert names(providers("cpu", OPENVINO)) == [OPENVINO]
+    with pytest.raises(Med3DError, match="no CUDA provider"):
+        providers("cuda")
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", OPENVINO, "CPUExecutionProvider"])
+    assert providers(None) == providers("cuda:0") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert names(providers("cpu")) == [OPENVINO, "CPUExecutionProvider"]
+    assert dict([providers("cuda", OPENVINO)[0]])[OPENVINO]["device_type"] == "CPU"
+    with pytest.raises(Med3DError, match="with --device cpu"):
+        providers("cpu", "CUDAExecutionProvider")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert providers(None) == ["CPUExecutionProvider"]
+    with pytest.raises(Med3DError, match=f"provider {OPENVINO}: not in this onnxruntime"):
+        providers("cpu", OPENVINO)
+
+
+def test_onnx_predictor_leaves_the_cores_to_onnxruntime():
+    from med3d.data.image import Geometry, Image
+    from med3d.inference.onnx_runtime import OnnxPredictor
+
+    seen = []
+
+    def network(x, task):  # stands in for an onnxruntime session
+        seen.append(torch.get_num_threads())
+        return torch.zeros((x.shape[0], 2, *x.shape[2:]))
+
+    plan = {"channel_names": ["CT"], "labels": {"0": "background", "1": "organ"}, "channels": None,
+            "target_spacing": [1.0, 1.0, 1.0], "crop_nonzero": False,
+            "normalization": [{"scheme": "zscore", "mean": 0.0, "std": 1.0}]}
+    predictor = OnnxPredictor(network, {"plans": {"t": plan}, "patch_size": [8, 8, 8]}, torch.device("cpu"))
+    image = Image(np.ones((1, 10, 12, 9), np.float32), Geometry((10, 12, 9), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
+                                                                 (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert predictor(image).labels.shape == (10, 12, 9)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()  # with the CUDA provider the windows' blending stays on PyTorch's threads
+        predictor.meta["onnx_providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        predictor(image)
+        assert seen and set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------ bad files (no exporter needed)
 
 def _fake_export(path: Path, **props) -> Path:

@@ -4,7 +4,8 @@ Checks: training in float32, bf16 and fp16 (compute dtype asserted), channels_la
 torch.compile; a one-process torchrun job over NCCL, which walks DDP wrapping (gradient
 all-reduce), SyncBatchNorm conversion (with one rank it synchronises nothing) and every collective
 the engine uses (all_reduce, all_gather_object, barrier) with real NCCL, so a CPU tensor in a
-collective fails here; and ``med3d bench train`` / ``infer`` on CUDA.
+collective fails here; the sliding window's host-memory fallbacks against its GPU blend; and
+``med3d bench train`` / ``infer`` on CUDA.
 Run through ``tools/gpu_check.sh``.
 """
 from __future__ import annotations
@@ -97,7 +98,38 @@ def bench(what: str) -> str:
         rows = b.train_bench(iterations=10, device="cuda")
         return f"bf16/fp32 {rows[1]['it_per_s'] / rows[0]['it_per_s']:.2f}x ({rows[0]['it_per_s']:.1f} it/s fp32)"
     times = b.infer_bench(device="cuda")
-    return f"med3d/monai {times['med3d'] / times['monai']:.2f} ({times['med3d']:.2f} s/case)"
+    return (f"med3d/monai {times['med3d'] / times['monai']:.2f} ({times['med3d']:.2f} s/case), beside the network "
+            f"{times['med3d_beside'] / times['monai_beside']:.2f}")
+
+
+def host_stitching() -> str:
+    """The sliding window's fallbacks against its GPU blend: no room for the blend, and out of memory in the loop."""
+    from med3d.inference import window
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 3, 3, padding=1).cuda().eval()
+    x = torch.randn(1, 1, 40, 70, 90, device="cuda")
+    calls = []
+
+    def once_out_of_memory(t, task):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("simulated")
+        return conv(t)
+
+    on_gpu = window.sliding_window(lambda t, task: conv(t), x, "t", (32, 64, 64), 0.5, 2)
+    after_oom = window.sliding_window(once_out_of_memory, x, "t", (32, 64, 64), 0.5, 2)
+    keep = window.room_for_blend
+    window.room_for_blend = lambda *args, **kw: False
+    try:
+        no_room = window.sliding_window(lambda t, task: conv(t), x, "t", (32, 64, 64), 0.5, 2)
+    finally:
+        window.room_for_blend = keep
+    diffs = [float((on_gpu.cpu() - other.cpu()).abs().max()) for other in (after_oom, no_room)]
+    devices = [t.device.type for t in (on_gpu, after_oom, no_room)]
+    if devices != ["cuda", "cpu", "cpu"] or max(diffs) > 1e-5:
+        raise AssertionError(f"devices {devices}, max diffs {diffs}")
+    return f"max |host - GPU| {max(diffs):.1e} (no room, out of memory)"
 
 
 def timed(name: str, fn: Callable[[], str]) -> Row:
@@ -132,6 +164,7 @@ def main() -> int:
         timed("NCCL collectives", collectives),
         timed("torchrun DDP + SyncBN", lambda: torchrun_job(root)),
         timed("bench train --device cuda", lambda: bench("train")),
+        timed("sliding window, host blend", host_stitching),
         timed("bench infer --device cuda", lambda: bench("infer")),
     ]
     print(f"\nmed3d GPU check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}")

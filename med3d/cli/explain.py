@@ -13,7 +13,8 @@ def _explain(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.inputs)  # before the model is loaded: never into an input folder
     results = explain(args.checkpoint, args.inputs, args.out, task=args.task, class_index=args.class_index,
                       method=args.method, layer=args.layer, center_mm=args.center, roi_masks=args.roi_mask,
-                      device=args.device, max_voxels=args.max_voxels or None, overwrite=args.overwrite)
+                      device=args.device, max_voxels=args.max_voxels or None, overwrite=args.overwrite,
+                      series=args.series)
     for r in results:
         print(f"{r.case}: {r.task} class {r.class_index} (score {r.score:.4g}), peak at voxel (z, y, x) "
               f"{r.peak_zyx} -> {r.cam_path}")
@@ -34,6 +35,8 @@ def add_explain(sub: Subparsers) -> None:
     p.add_argument("inputs", nargs="+", help="image files (NIfTI, NRRD, MHA), DICOM series folders, image "
                    "folders or dataset folders")
     p.add_argument("--out", required=True, help="output folder: CASE_cam.nii.gz (map in [0, 1]) and CASE_cam.png")
+    p.add_argument("--series", metavar="UID", help="the SeriesInstanceUID to read from DICOM folders that hold "
+                   "several series (a folder holding several is refused without it), as for predict")
     p.add_argument("--task", help="which head (needed when the checkpoint has several)")
     p.add_argument("--class", dest="class_index", type=int, metavar="K",
                    help="class to explain (default: the predicted class; for segmentation the foreground class "

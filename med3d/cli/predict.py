@@ -27,6 +27,10 @@ def _predict(args: argparse.Namespace) -> int:
     task = predictor.task(args.task)
     if is_classifier(predictor, task):
         return _classify(args, predictor, task)
+    if cases is None:  # a classification dataset given to a segmentation model: its scans are segmented
+        cases = _check_outputs(args, scans=True)
+    if getattr(predictor, "meta", {}).get("onnx_providers") and not args.quiet:
+        print("onnxruntime providers: " + ", ".join(predictor.meta["onnx_providers"]))
     out = Path(args.out)
     if not cases:
         raise Med3DError("no input scans found in " + ", ".join(args.inputs))
@@ -63,12 +67,17 @@ def _output_names(case_id: str, first: Path) -> List[str]:
     return [f"{case_id}{suffix}", f"{case_id}_drift.json", f"{case_id}_probs.nii.gz", f"{case_id}_preview.png"]
 
 
-def _check_outputs(args: argparse.Namespace) -> Optional[List[Tuple[str, List[Path]]]]:
+def _check_outputs(args: argparse.Namespace, scans: bool = False) -> Optional[List[Tuple[str, List[Path]]]]:
     """Refuse, before any work, an ``--out`` that cannot be written or would destroy an input, and a run
     whose every input has a header that would be refused when read.
 
+    Args:
+        args: the parsed command line.
+        scans: take a classification dataset as the scans it lists (for a segmentation model).
+
     Returns:
-        The segmentation cases (``collect_inputs``), or None for a classification dataset (its own reader).
+        The segmentation cases (``collect_inputs``), or None for a classification dataset (its own reader)
+        unless ``scans``.
     """
     from ..data.classification import is_classification_dataset
     from ..data.image import inspect_image
@@ -77,7 +86,7 @@ def _check_outputs(args: argparse.Namespace) -> Optional[List[Tuple[str, List[Pa
 
     out = check_output_dir(args.out, args.inputs)
     models = [args.checkpoint, *args.ensemble]
-    if len(args.inputs) == 1 and is_classification_dataset(args.inputs[0]):
+    if not scans and len(args.inputs) == 1 and is_classification_dataset(args.inputs[0]):
         check_targets([out / "predictions.csv"], [*args.inputs, *models])
         return None
     cases = collect_inputs(args.inputs)

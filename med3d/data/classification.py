@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import Med3DError
+from ..paths import safe_name
 from .datalist import _by_index, _inside, _read_json
 from .image import Geometry, Image, _geometry_from_ras, is_nifti, read_channels, read_image, strip_suffix
 
@@ -188,7 +189,9 @@ def _msd_entry(root: Path, entry: Any, where: str, names: Optional[Dict[int, str
         ok = ok and mask is not None
     if not ok:
         return None
-    return ClassCase(strip_suffix(images[0]), images, label, center, mask)  # type: ignore[arg-type]
+    # The id names outputs (predictions.csv rows, explain's maps, the class cache's files): a plain name only.
+    case_id = safe_name(strip_suffix(images[0]), f"{path}: {where}.image")  # type: ignore[arg-type]
+    return ClassCase(case_id, images, label, center, mask)  # type: ignore[arg-type]
 
 
 def _msd_list(root: Path, meta: Dict[str, Any], key: str, names: Optional[Dict[int, str]], labelled: bool,
@@ -302,7 +305,8 @@ def _csv_case(path: Path, line: int, row: Dict[str, str], names: Optional[Dict[i
     if mask is not None and not mask.exists():
         problems.append(f"{mask}: file not found (named by {where})")
         return None
-    return ClassCase(strip_suffix(images[0]), images, label, center, mask)
+    # The id names outputs (predictions.csv rows, explain's maps, the class cache's files): a plain name only.
+    return ClassCase(safe_name(strip_suffix(images[0]), f"{where}: image"), images, label, center, mask)
 
 
 def _read_csv(path: Path) -> ClassDataset:

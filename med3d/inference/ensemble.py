@@ -109,7 +109,8 @@ class Ensemble:
         patch = self.meta.get("patch_size") or DEFAULT_PATCH
         total = None
         for m in self.members:
-            p = softmax_tta(m.model, x, task, patch, overlap, sw_batch_size, amp, mirror)[0].cpu()
+            with m.window_threads():
+                p = softmax_tta(m.model, x, task, patch, overlap, sw_batch_size, amp, mirror)[0].cpu()
             total = p if total is None else total.add_(p)
         probs = total.div_(len(self.members)).numpy()
         labels = restore_labels(probs, props, plan)

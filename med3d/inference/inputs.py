@@ -1,5 +1,8 @@
 """What ``med3d predict`` was given, as ``(case_id, files)``: files, DICOM series, image or dataset folders.
 
+A classification dataset (dataset.json with classes, a CSV) given to a segmentation model stands for its
+scans: every case's image files, as ``roi_jobs`` gives them to a classification model.
+
 Case ids become output file names (``OUT/<case>.nii.gz``), so each must be a plain file name
 (``med3d.paths.safe_name``) and no two inputs may share one: the second output would replace the first.
 """
@@ -21,9 +24,11 @@ def collect_inputs(inputs: Sequence[PathLike]) -> List[Tuple[str, List[Path]]]:
         One entry per case, in the order given.
 
     Raises:
-        Med3DError: a case id that is not a plain file name, two inputs with the same case id, or a dataset
-            folder with entries ``check-data`` reports (outside the root, missing).
+        Med3DError: a case id that is not a plain file name, two inputs with the same case id, a dataset
+            folder with entries ``check-data`` reports (outside the root, missing), or a MedMNIST ``.npz``
+            (arrays without scan files).
     """
+    from ..data.classification import is_classification_dataset
     from ..data.datalist import NO_TRAINING_CASES, cases_from_folder, read_dataset
     from ..data.image import strip_suffix
     from ..errors import Med3DError
@@ -34,6 +39,8 @@ def collect_inputs(inputs: Sequence[PathLike]) -> List[Tuple[str, List[Path]]]:
         path = Path(raw)
         if not path.exists():
             out.append((path.name, [path]))
+        elif is_classification_dataset(path):
+            out += _classification_scans(path)
         elif path.is_dir() and (path / "dataset.json").is_file():
             info = read_dataset(path)
             problems = [p for p in info.problems if not p.endswith(NO_TRAINING_CASES)]
@@ -54,6 +61,21 @@ def collect_inputs(inputs: Sequence[PathLike]) -> List[Tuple[str, List[Path]]]:
                              "each other, rename one or predict them into separate folders")
         seen[case] = files[0]
     return out
+
+
+def _classification_scans(path: Path) -> List[Tuple[str, List[Path]]]:
+    """The scans of a classification dataset, every split, for a model that segments them."""
+    from ..data.classification import CSV_HEADER, read_classification_dataset
+    from ..errors import Med3DError
+
+    ds = read_classification_dataset(path)
+    if ds.layout == "medmnist":
+        raise Med3DError(f"{path}: a MedMNIST classification dataset holds arrays, not scans with a geometry; a "
+                         "segmentation checkpoint needs image files, DICOM folders or a dataset folder")
+    problems = [p for p in ds.problems if not p.endswith(CSV_HEADER)]  # a CSV of unlabelled rows is fine here
+    if problems:  # an entry outside the root or missing: refused, not silently left out
+        raise Med3DError(f"{problems[0]} (run med3d check-data {path} for every problem)")
+    return [(c.case_id, list(c.images)) for c in ds.cases + ds.val_cases + ds.test_cases]
 
 
 def _is_dicom_series(folder: Path) -> bool:

@@ -6,9 +6,10 @@ to the input grid (``restore``): the label map always, full-size probabilities o
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, ContextManager, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -72,6 +73,10 @@ class Predictor:
             raise Med3DError(f"{path}: checkpoint has no preprocessing plan (was it written by med3d pretrain / "
                              "finetune?); predict needs the plan to prepare scans as in training")
         return cls(model.to(dev).eval(), meta, dev)
+
+    def window_threads(self) -> ContextManager[None]:
+        """The threading the sliding window runs under: PyTorch's as set (``OnnxPredictor`` changes it)."""
+        return contextlib.nullcontext()
 
     def task(self, task: Optional[str]) -> str:
         """The task to predict: ``task`` checked against the checkpoint, or its only task."""
@@ -151,12 +156,13 @@ class Predictor:
         x, props, plan = self.prepare(image, task, where)
         amp = torch.bfloat16 if self.device.type == "cuda" else None
         patch = self.meta.get("patch_size") or DEFAULT_PATCH
-        if probabilities or mirror or props["resampled_shape"] != props["cropped_shape"]:
-            scores = softmax_tta(self.model, x, task, patch, overlap, sw_batch_size, amp, mirror)
-        else:
-            # Labels alone on the scan's own grid: the argmax of the logits is the argmax of the softmax,
-            # so the softmax pass over K volumes is skipped.
-            scores = sliding_window(self.model, x, task, patch, overlap, sw_batch_size, amp)
+        with self.window_threads():
+            if probabilities or mirror or props["resampled_shape"] != props["cropped_shape"]:
+                scores = softmax_tta(self.model, x, task, patch, overlap, sw_batch_size, amp, mirror)
+            else:
+                # Labels alone on the scan's own grid: the argmax of the blended logits is the argmax of the
+                # softmax, and needs no division by the summed window weights either.
+                scores = sliding_window(self.model, x, task, patch, overlap, sw_batch_size, amp, normalise=False)
         del x
         scores = scores[0].cpu().numpy()
         labels = restore_labels(scores, props, plan)
@@ -165,13 +171,15 @@ class Predictor:
 
 
 def predict(model_or_checkpoint: Union[PathLike, Predictor], image: Union[PathLike, Sequence[PathLike], Image],
-            task: Optional[str] = None, **kw: Any) -> Any:
+            task: Optional[str] = None, series: Optional[str] = None, **kw: Any) -> Any:
     """Segment or classify one scan (a path, per-channel paths, a DICOM folder or an ``Image``); for notebooks.
 
     Args:
         model_or_checkpoint: a checkpoint path or a ``Predictor`` (reuse it for many scans).
         image: the scan.
         task: which head (None: the only one).
+        series: the SeriesInstanceUID to read from a DICOM folder that holds several (``--series`` of
+            ``med3d predict``); a folder holding several is refused without it.
         **kw: ``Predictor.__call__`` options (overlap, mirror, sw_batch_size, probabilities) for a
             segmentation task; ``center_mm`` (the ROI centre, world x, y, z mm, LPS) for a
             classification task.
@@ -179,8 +187,16 @@ def predict(model_or_checkpoint: Union[PathLike, Predictor], image: Union[PathLi
     Returns:
         A ``Prediction`` on the scan's own grid, or for a classification task the class
         probabilities (``med3d.inference.classify.ClassProbabilities``).
+
+    Raises:
+        Med3DError: an unreadable scan (a DICOM folder of several series without ``series``, or without
+            that series), ``series`` with an ``Image`` already read, or a scan that does not fit the task.
     """
     from .classify import classify, is_classifier
+
+    if series is not None and isinstance(image, Image):
+        raise Med3DError("series: chooses a series in a DICOM folder; this scan is an Image already read, give "
+                         "the folder instead")
 
     predictor = model_or_checkpoint if isinstance(model_or_checkpoint, Predictor) \
         else Predictor.from_checkpoint(model_or_checkpoint)
@@ -188,7 +204,7 @@ def predict(model_or_checkpoint: Union[PathLike, Predictor], image: Union[PathLi
         if not isinstance(image, (str, Path, list, tuple)):  # e.g. a bare array: it has no geometry to predict in
             check_scan(image)
         paths = [image] if isinstance(image, (str, Path)) else list(image)
-        image = read_channels(paths)
+        image = read_channels(paths, series=series)
         kw.setdefault("where", str(paths[0]))
         kw.setdefault("case_id", strip_suffix(paths[0]))
     if is_classifier(predictor, predictor.task(task)):

@@ -23,7 +23,7 @@ from ..errors import Med3DError
 from ..values import check_prediction
 from .predictor import DEFAULT_PATCH, Predictor
 from .restore import restore_labels_and_confidence, restore_volume
-from .window import make_inferer, mirror_axes, sliding_window, softmax_
+from .window import add_pass, mirror_axes, sliding_window, softmax_
 
 MANIFEST = "pseudo_labels.json"
 FORMAT = "med3d-pseudo-labels"
@@ -59,15 +59,14 @@ def averaged_probabilities(model: Any, x: torch.Tensor, task: str, patch: Sequen
         Float32 probabilities and the agreement (float32 in [1/8, 1]) as numpy arrays.
     """
     axes_sets = mirror_axes(mirror)
-    inferer = make_inferer(patch, overlap, sw_batch_size)
     total, votes = None, []
     for axes in axes_sets:
         p = softmax_(sliding_window(model, torch.flip(x, axes) if axes else x, task, patch, overlap, sw_batch_size,
-                                    amp, inferer))
+                                    amp))
         p = torch.flip(p, axes) if axes else p
         if mirror:  # each copy's labels, one byte a voxel, to count agreement once the average is known
             votes.append(p[0].argmax(0).to(_votes_dtype(p.shape[1])).cpu())
-        total = p if total is None else total.add_(p.to(total.device))
+        total = add_pass(total, p)
         del p
     total = total.div_(len(axes_sets))[0].cpu()
     if not mirror:

@@ -84,8 +84,10 @@ class Segmentation(TaskKind):
     def evaluate_case(self, model: nn.Module, image: torch.Tensor, target: Any, task: str,
                       plan: Dict[str, Any], patch: Sequence[int], val_cfg: Any,
                       amp_dtype: Any) -> Dict[str, List[float]]:
-        logits = sliding_window(model, image, task, patch, val_cfg.overlap, val_cfg.sw_batch_size, amp_dtype)
-        pred = logits.argmax(1)[0].cpu().numpy()
+        # Labels only: the unnormalised blend has the same argmax and skips the weight sum and the division.
+        scores = sliding_window(model, image, task, patch, val_cfg.overlap, val_cfg.sw_batch_size, amp_dtype,
+                                normalise=False)
+        pred = scores.argmax(1)[0].cpu().numpy()
         classes = [v for v, _ in _foreground(plan)]
         rows = pair_metrics(pred, target, plan["target_spacing"], classes, distances=val_cfg.hd95)
         metrics = {"dice": [r["dice"] for r in rows]}
