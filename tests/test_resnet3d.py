@@ -198,3 +198,33 @@ def test_encoder_size_divisibility(layout, conv, div):
         feats = enc.eval()(torch.randn(1, 1, *(2 * d for d in div)))
     for f, info in zip(feats, enc.feature_info):
         assert tuple(f.shape[2:]) == tuple(2 * d // s for d, s in zip(div, info.stride))
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 2, 1), ((1, 3, 3), (1, 2, 2), (0, 1, 1))])
+@pytest.mark.parametrize("shape", [(2, 4, 16, 32, 32), (1, 3, 7, 9, 11), (1, 1, 1, 1, 1), (1, 2, 2, 3, 5)])
+def test_inference_max_pool_is_atens_to_the_bit(kernel, stride, padding, shape):
+    from med3d.models.resnet3d import MaxPool3d
+
+    ours, theirs = MaxPool3d(kernel, stride, padding), torch.nn.MaxPool3d(kernel, stride, padding)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    x.view(-1)[:: 5] = float("-inf")
+    x.view(-1)[-1] = float("nan")  # propagated alike
+    with torch.inference_mode():
+        got, want = ours(x), theirs(x)
+    assert got.shape == want.shape
+    assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)) and torch.equal(got.isnan(), want.isnan())
+
+
+def test_max_pool_keeps_atens_kernel_where_gradients_flow(monkeypatch):
+    from med3d.models import resnet3d
+
+    def refuse(*args):
+        raise AssertionError("the axis-by-axis maximum ran with gradients enabled")
+
+    pool = resnet3d.MaxPool3d(3, 2, 1)
+    x = torch.randn(1, 2, 8, 8, 8, requires_grad=True)
+    monkeypatch.setattr(resnet3d, "_max3_stride2", refuse)
+    pool(x).sum().backward()  # training: ATen's kernel, with the indices backward needs
+    assert x.grad is not None and float(x.grad.sum()) > 0
+    with torch.no_grad(), pytest.raises(AssertionError, match="axis-by-axis"):
+        pool(x)  # and without gradients, the axis-by-axis path (the helper above)

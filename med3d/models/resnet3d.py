@@ -91,6 +91,53 @@ def upgrade_args(args: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+class MaxPool3d(nn.MaxPool3d):
+    """``nn.MaxPool3d`` that, without gradients on a CPU, takes the 3-wide maxima one axis at a time.
+
+    The maximum over a 3x3x3 window is the maximum over z of maxima over y of maxima over x, so
+    the result is the same to the bit. ATen's CPU kernel also records the argmax indices a backward
+    pass would need: on a window batch of the demo network it took 4.2 ms against 0.4 ms this way,
+    a fifth of the whole forward pass. Training, GPUs and graph capture (tracing, torch.compile,
+    torch.export) keep the standard kernel. Only stride-2, padding-1 axes of width 3 are taken
+    apart; width-1 axes (the slice-wise stem) are left as they are.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axes = self._separable_axes()
+        if (axes is None or x.is_cuda or torch.is_grad_enabled() or torch.jit.is_tracing()
+                or torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            return super().forward(x)
+        for axis in axes:
+            x = _max3_stride2(x, axis)
+        return x
+
+    def _separable_axes(self) -> Optional[List[int]]:
+        """The axes (2-4) pooled 3 wide with stride 2 and padding 1, if the others are untouched; else None."""
+        k, s, p, d = (_as_triple(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation))
+        if self.ceil_mode or self.return_indices or d != (1, 1, 1):
+            return None
+        axes = [2 + i for i in range(3) if (k[i], s[i], p[i]) == (3, 2, 1)]
+        others = all((k[i], s[i], p[i]) == (1, 1, 0) for i in range(3) if 2 + i not in axes)
+        return axes if others else None
+
+
+def _as_triple(v: Any) -> Tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+
+
+def _max3_stride2(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Max-pool along one axis: width 3, stride 2, padding 1 (padded with -inf, as ``nn.MaxPool3d`` pads)."""
+    out = (x.shape[axis] - 1) // 2 + 1
+    pad = [0] * 6
+    pad[2 * (4 - axis)] = pad[2 * (4 - axis) + 1] = 1  # F.pad lists the last axis first
+    padded = F.pad(x, pad, value=float("-inf"))
+
+    def taps(start: int) -> torch.Tensor:
+        return padded[(slice(None),) * axis + (slice(start, start + 2 * out - 1, 2),)]
+
+    return torch.maximum(torch.maximum(taps(0), taps(1)), taps(2))
+
+
 def _spatial(value: int, conv: str) -> Triple:
     """Expand a per-axis value; the slice-wise variant keeps the depth axis at 1."""
     return (1, value, value) if conv == "slicewise" else (value, value, value)
@@ -216,7 +263,7 @@ class ResNet3D(nn.Module):
         self.bn1 = nn.BatchNorm3d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         pool_k = _spatial(3, conv)
-        self.maxpool = nn.MaxPool3d(pool_k, stride=_spatial(2, conv), padding=tuple(k // 2 for k in pool_k))
+        self.maxpool = MaxPool3d(pool_k, stride=_spatial(2, conv), padding=tuple(k // 2 for k in pool_k))
         self.feature_info: List[FeatureInfo] = [FeatureInfo("stem", widths[0], stem_stride)]
         self._add_stages(BasicBlock if block_name == "basic" else Bottleneck, blocks, layout, conv, shortcut,
                          downsample_bias, widths)
