@@ -35,6 +35,7 @@ from .inference.predictor import Predictor
 from .inference.restore import restore_probabilities
 from .inference.window import evaluating
 from .plotting import pyplot, save_png
+from .preview import lps_view
 
 PathLike = Union[str, Path]
 METHODS = ("gradcam", "gradcam++")
@@ -274,7 +275,7 @@ def _check_size(x: torch.Tensor, where: str, max_voxels: Optional[int]) -> None:
 
 
 def save_cam_png(image: np.ndarray, cam: np.ndarray, peak: Sequence[int], spacing_zyx: Sequence[float],
-                 path: PathLike, title: str = "") -> Optional[Path]:
+                 path: PathLike, title: str = "", direction: Optional[Sequence[float]] = None) -> Optional[Path]:
     """Axial, coronal and sagittal slices through ``peak`` with the map blended over the image.
 
     Args:
@@ -284,6 +285,8 @@ def save_cam_png(image: np.ndarray, cam: np.ndarray, peak: Sequence[int], spacin
         spacing_zyx: voxel size, for the aspect ratio.
         path: the PNG to write (atomically).
         title: figure title.
+        direction: the grid's direction, to show every scan in one orientation (``preview.lps_view``);
+            None: as stored.
 
     Returns:
         ``path``, or None when matplotlib is not installed.
@@ -291,6 +294,8 @@ def save_cam_png(image: np.ndarray, cam: np.ndarray, peak: Sequence[int], spacin
     plt = pyplot(warn=True)
     if plt is None:
         return None
+    if direction is not None:
+        (image, cam), spacing_zyx, peak = lps_view([image, cam], direction, spacing_zyx, peak)
 
     z, y, x = peak
     sz, sy, sx = spacing_zyx
@@ -348,7 +353,8 @@ def _explain_case(predictor: Predictor, job: Job, out: Path, task: str, class_in
     plan = predictor.meta["plans"][task]
     name = (plan.get("classes") or plan.get("labels") or {}).get(str(chosen), "")
     png = save_cam_png(image.array[0], full, peak, image.geometry.spacing_zyx, png_path,
-                       title=f"{case}: {task} class {chosen}{f' ({name})' if name else ''}, {method} at {layer}")
+                       title=f"{case}: {task} class {chosen}{f' ({name})' if name else ''}, {method} at {layer}",
+                       direction=image.geometry.direction)
     return ExplainResult(case, task, chosen, score, peak, cam_path, png)  # type: ignore[arg-type]
 
 
@@ -382,7 +388,7 @@ def explain(checkpoint: PathLike, images: Union[PathLike, Sequence[PathLike]], o
         One result per scan, in input order.
 
     Raises:
-        Med3DError: missing or plan-less checkpoint, unknown task, method or layer, class index out of
+        Med3DError: missing or plan-less checkpoint (or an ONNX export), unknown task, method or layer, class index out of
             range, ROI options for a segmentation task or not one per scan, no scans found, an unreadable
             scan (a DICOM folder of several series without ``series``, or without that series) or one that
             does not fit the task (the first one stops the run; maps already written
@@ -395,6 +401,9 @@ def explain(checkpoint: PathLike, images: Union[PathLike, Sequence[PathLike]], o
         V.at_least(1)(max_voxels, "--max-voxels")
     if center_mm is not None:
         V.each(V.in_range, 3)(center_mm, "--center")
+    if str(checkpoint).lower().endswith(".onnx"):  # before anything is read
+        raise Med3DError(f"{checkpoint}: an ONNX export; explain reads the network's layers and gradients, "
+                         "which only the PyTorch checkpoint it was exported from has: explain with that instead")
     predictor = Predictor.from_checkpoint(checkpoint, device)
     task = predictor.task(task)
     plan = predictor.meta["plans"][task]

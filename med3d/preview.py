@@ -2,11 +2,52 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .plotting import pyplot, save_png
+
+
+def lps_view(arrays: Sequence[Optional[np.ndarray]], direction: Sequence[float], spacing_zyx: Sequence[float],
+             point: Optional[Sequence[int]] = None) -> Tuple[List[Optional[np.ndarray]], List[float], Optional[List[int]]]:
+    """Arrays ``(Z, Y, X)`` turned (transposes and flips, no resampling) so their axes run S, P and L.
+
+    Stored voxel order varies between files (a NIfTI from a RAS-oriented tool runs x to the
+    patient's right); turned this way every preview shows the axial view with anterior at the top
+    and the patient's right on the left (the radiological convention), and coronal and sagittal views
+    with superior at the top. Each voxel axis goes to the world axis its direction is closest to; an
+    oblique grid whose axes do not map one to one is left as stored.
+
+    Args:
+        arrays: volumes on one grid (None entries stay None).
+        direction: the grid's 3x3 direction, row-major, columns the voxel axes x, y, z (LPS).
+        spacing_zyx: its voxel size.
+        point: a ``(z, y, x)`` voxel to carry along (e.g. the peak the slices go through).
+
+    Returns:
+        The turned arrays (views), their spacing ``(z, y, x)`` and the point in the turned grid.
+    """
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    world = np.abs(d).argmax(0)  # the world axis (0 L, 1 P, 2 S) each voxel axis x, y, z runs closest to
+    if sorted(world.tolist()) != [0, 1, 2]:
+        return list(arrays), list(spacing_zyx), None if point is None else list(point)
+    # Array axis a holds voxel axis 2 - a; output axis k must run along world axis 2 - k.
+    source = [2 - int(np.flatnonzero(world == 2 - k)[0]) for k in range(3)]
+    flip = [bool(d[2 - k, 2 - source[k]] < 0) for k in range(3)]
+
+    def turn(a: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        if a is None:
+            return None
+        a = np.transpose(a, source)
+        return a[tuple(slice(None, None, -1) if f else slice(None) for f in flip)]
+
+    turned = [turn(a) for a in arrays]
+    spacing = [float(spacing_zyx[a]) for a in source]
+    if point is not None:
+        shape = turned[0].shape if turned and turned[0] is not None else None
+        point = [shape[k] - 1 - int(point[a]) if flip[k] else int(point[a]) for k, a in enumerate(source)]
+    return turned, spacing, point
 
 
 def centre(labels: np.ndarray) -> Sequence[int]:
@@ -18,11 +59,18 @@ def centre(labels: np.ndarray) -> Sequence[int]:
 
 
 def save_preview(image: np.ndarray, pred: np.ndarray, path: Path, spacing_zyx: Sequence[float],
-                 ref: Optional[np.ndarray] = None, title: str = "") -> Optional[Path]:
-    """Write the three orthogonal slices of ``image`` with ``pred`` filled and ``ref`` outlined (None without matplotlib)."""
+                 ref: Optional[np.ndarray] = None, title: str = "",
+                 direction: Optional[Sequence[float]] = None) -> Optional[Path]:
+    """Write the three orthogonal slices of ``image`` with ``pred`` filled and ``ref`` outlined (None without matplotlib).
+
+    ``direction`` (the grid's, see ``lps_view``) shows every scan in the same orientation, whatever its
+    stored voxel order; None shows the arrays as stored.
+    """
     plt = pyplot()
     if plt is None:
         return None
+    if direction is not None:
+        (image, pred, ref), spacing_zyx, _ = lps_view([image, pred, ref], direction, spacing_zyx)
 
     z, y, x = centre(pred if (pred > 0).any() else (ref if ref is not None else pred))
     sz, sy, sx = spacing_zyx

@@ -283,3 +283,29 @@ def test_onnx_metadata_states_only_the_channels_the_task_feeds():
     assert json.loads(fields["input_channels"]) == ["FLAIR"]
     assert json.loads(fields["normalisation"]) == [{"scheme": "zscore", "ch": 1}]
     assert json.loads(fields["spacing_zyx"]) == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.corpus
+def test_explain_refuses_an_onnx_export_in_one_line(tmp_path, capsys, real_data):
+    from badinput import refused
+
+    path = _fake_export(tmp_path / "seg.onnx", **_med3d_props(PLAN))
+    refused(["explain", path, real_data / "totalseg_ct" / "ct.nii.gz", "--out", tmp_path / "out"], capsys,
+            names=r"seg\.onnx: an ONNX export; explain reads the network's layers", inputs=[path], watch=tmp_path)
+
+
+def test_a_very_large_overlap_is_announced(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    path = _fake_export(tmp_path / "seg.onnx", **_med3d_props(PLAN))
+    assert main(["predict", str(path), str(empty), "--out", str(tmp_path / "out"), "--overlap", "0.95"]) == 2
+    assert "note: --overlap 0.95 runs about 8000x as many windows" in capsys.readouterr().out
+
+
+def test_export_knows_a_classification_export(tmp_path):
+    from med3d.cli.transfer import _exported_kind
+
+    # export.onnx_metadata writes the head's kind beside the plan
+    cls = _fake_export(tmp_path / "c.onnx", **_med3d_props({**PLAN, "kind": "classification"}), kind="classification")
+    seg = _fake_export(tmp_path / "s.onnx", **_med3d_props(PLAN), kind="segmentation")
+    assert _exported_kind(str(cls)) == "classification" and _exported_kind(str(seg)) == "segmentation"

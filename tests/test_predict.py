@@ -181,3 +181,21 @@ def test_big_endian_label_maps_score_like_native_ones():
     native = pair_metrics(pred, ref, (1.0, 1.0, 1.0), [1])
     swapped = pair_metrics(pred.astype(">i2"), ref.astype(">i2"), (1.0, 1.0, 1.0), [1])
     assert swapped == native and 0 < native[0]["dice"] < 1
+
+
+@pytest.mark.parametrize("name", ["lps", "ras", "permuted", "oblique"])
+def test_previews_turn_every_stored_order_to_one_orientation(name):
+    from med3d.preview import lps_view
+
+    a = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)  # axes run S, P, L
+    spacing, point = (3.0, 2.0, 1.0), (1, 2, 3)
+    stored = {  # (array, direction row-major with columns the voxel axes x, y, z, spacing (z, y, x), point)
+        "lps": (a, (1, 0, 0, 0, 1, 0, 0, 0, 1), spacing, point),
+        "ras": (a[:, ::-1, ::-1], (-1, 0, 0, 0, -1, 0, 0, 0, 1), spacing, (1, 5 - 1 - 2, 6 - 1 - 3)),
+        "permuted": (a.transpose(2, 1, 0), (0, 0, 1, 0, 1, 0, 1, 0, 0), spacing[::-1], point[::-1]),
+        "oblique": (a, (0.9, 0.1, 0, -0.1, 0.9, 0, 0, 0, 1), spacing, point),  # nearest axes: as stored
+    }
+    array, direction, spacing_zyx, p = stored[name]
+    (turned, none), got_spacing, got_point = lps_view([array, None], direction, spacing_zyx, p)
+    assert none is None and np.array_equal(turned, a)
+    assert got_spacing == list(spacing) and got_point == list(point)

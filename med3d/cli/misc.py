@@ -34,7 +34,7 @@ def _bench(args: argparse.Namespace) -> int:
     elif args.what == "train":
         bench.train_bench(iterations=args.iterations or 10, device=args.device)
     elif args.what == "onnx":
-        bench.onnx_bench()
+        bench.onnx_bench(repeats=args.repeats)
     elif args.what == "memory":
         bench.memory_bench(shape_zyx=args.shape or (96, 256, 256), num_classes=args.classes)
     elif args.what == "scaling":
@@ -83,7 +83,8 @@ def add_bench(sub: Subparsers) -> None:
                    help="memory: the generated CT's size (default 96 256 256; 400 512 512 is the issue's large CT)")
     p.add_argument("--classes", type=int, default=2, help="memory: classes of the checkpoint's head (default 2)")
     p.add_argument("--large", action="store_true", help="scaling: add a 400x512x512 volume (slow)")
-    p.add_argument("--repeats", type=int, default=3, help="infer/scaling: timed calls, the fastest counts")
+    p.add_argument("--repeats", type=int, default=3, help="infer/scaling/onnx: timed calls, the fastest counts "
+                   "(onnx: and turns of 10 window batches)")
     p.add_argument("--cpu-time", action="store_true", help="infer/scaling: CPU seconds on one thread instead of "
                    "wall time on all (steady on a machine shared with other jobs)")
     p.add_argument("--device", help="train/infer: cpu or cuda (default: cuda when available)")

@@ -22,6 +22,9 @@ def _predict(args: argparse.Namespace) -> int:
     from ..values import check_window
 
     check_window(args.overlap, args.sw_batch)  # one line for the whole run, not one per case
+    if args.overlap > 0.9:  # windows grow as 1 / (1 - overlap)^3: 0.99 means a million times those at 0
+        print(f"note: --overlap {args.overlap} runs about {1 / (1 - args.overlap) ** 3:.0f}x as many windows as "
+              "--overlap 0 (the default 0.5: 8x); this can take hours per scan")
     cases = _check_outputs(args)  # before the models are loaded: nothing is read or written in vain
     predictor = load_models(args.checkpoint, args.ensemble, args.device)  # several: their averaged probabilities
     task = predictor.task(args.task)
@@ -50,7 +53,7 @@ def _predict(args: argparse.Namespace) -> int:
                             overwrite=args.overwrite)
             if args.preview:
                 save_preview(image.array[0], pred.labels, out / f"{case_id}_preview.png", image.geometry.spacing_zyx,
-                             title=f"{case_id} ({task})")
+                             title=f"{case_id} ({task})", direction=image.geometry.direction)
         except Med3DError as err:
             failed += 1
             tqdm.write(f"error: {err}")
@@ -216,9 +219,10 @@ def add_predict(sub: Subparsers) -> None:
     p.add_argument("--series", metavar="UID", help="the SeriesInstanceUID to read from DICOM folders that hold "
                    "several series (a folder holding several is refused without it)")
     p.add_argument("--task", help="which head (needed when the checkpoint has several)")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5; "
+                   "the window count grows as 1 / (1 - overlap)^3)")
     p.add_argument("--mirror", action="store_true", help="test-time augmentation: average over mirrored copies")
-    p.add_argument("--sw-batch", type=int, default=2, help="windows per forward pass")
+    p.add_argument("--sw-batch", type=int, default=2, help="windows per forward pass (default 2)")
     p.add_argument("--probabilities", action="store_true", help="also write softmax maps (CASE_probs.nii.gz)")
     p.add_argument("--preview", action="store_true", help="also write a PNG preview per case")
     p.add_argument("--center", type=float, nargs=3, metavar=("X", "Y", "Z"),

@@ -7,6 +7,14 @@ from ..errors import Med3DError
 from ._common import Subparsers
 
 
+def _exported_kind(path: str) -> str:
+    """The task kind an ONNX export records in its metadata (``export.onnx_metadata`` writes it)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    return props.get("kind", "")
+
+
 def _export(args: argparse.Namespace) -> int:
     from ..convert import model_from_file
     from ..export import ENCODER_FORMATS, export_encoder, export_onnx, export_torchscript
@@ -24,6 +32,9 @@ def _export(args: argparse.Namespace) -> int:
         diff = export_onnx(model, args.out, args.input_size, task=args.task, overwrite=args.overwrite, meta=meta,
                            licence=args.licence, metrics=metrics)
         print(f"onnxruntime vs PyTorch on random inputs at two sizes: max abs difference {diff:.2e}")
+        if _exported_kind(args.out) == "classification":
+            print("note: med3d predict runs ONNX exports of segmentation heads; this classification network is "
+                  "for other runtimes (predict with the checkpoint)")
     else:
         export_torchscript(model, args.out, args.input_size, task=args.task, overwrite=args.overwrite)
     print(f"wrote {args.out} ({args.format})")
