@@ -164,10 +164,9 @@ def infer_bench(shape_zyx: Sequence[int] = (128, 256, 256), patch: Sequence[int]
     Same model (the demo encoder with one Med3D head), same window, overlap, batch of windows and
     Gaussian blending. med3d's figure includes its pre- and post-processing (crop, normalise,
     restore to the input grid); the baseline is the bare network pass over the volume normalised
-    beforehand. Both are timed twice: with
-    the network, and with a stand-in that only allocates the network's output (``ZeroNetwork``),
-    which leaves what each costs beside the network: that part is steady, where the whole is
-    dominated by the shared network time and its run-to-run spread. On the CPU each figure is the
+    beforehand. Both are timed twice: with the network, and with a stand-in that only allocates the
+    network's output (``ZeroNetwork``), which leaves what each costs beside the network: that part is
+    steady, where the whole is dominated by the shared network time and its run-to-run spread. On the CPU each figure is the
     fastest of ``repeats`` calls, all taking turns; ``cpu_time``: CPU seconds on one thread.
 
     Returns:
@@ -280,8 +279,8 @@ def onnx_bench(shape_zyx: Sequence[int] = (96, 192, 192), patch: Sequence[int] =
     network's; the bare batch-of-windows figure is printed beside it. Each CPU provider this
     onnxruntime has is timed on its own (the plain CPU provider, and OpenVINO with
     ``onnxruntime-openvino``). Each figure is the fastest of ``repeats`` calls (of ``repeats`` turns
-    of 10 calls for windows), all runtimes taking turns. PyTorch keeps its threads for the windows;
-    ``OnnxPredictor`` gives them up only around whole cases.
+    of 10 calls for windows), all runtimes taking turns. PyTorch keeps its threads for the bare
+    windows; ``OnnxPredictor`` gives them up around a case's window loop.
 
     Returns:
         Seconds per case (``torch``, one per provider: ``CPUExecutionProvider``, ...), per window

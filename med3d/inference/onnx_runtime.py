@@ -42,7 +42,8 @@ def providers(device: Optional[str], only: Optional[str] = None) -> List[Any]:
         only: one provider's name (e.g. ``CPUExecutionProvider``) to use it alone.
 
     Raises:
-        Med3DError: CUDA asked for but absent, or ``only`` is not one of this onnxruntime's providers.
+        Med3DError: CUDA asked for but absent, ``only`` not one of this onnxruntime's providers, or
+            ``only`` the CUDA provider with ``device`` ``cpu``.
     """
     import onnxruntime as ort
 
