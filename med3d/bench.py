@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -156,6 +156,34 @@ def train_bench(iterations: int = 10, batch: int = 2, patch: Sequence[int] = (32
     return rows
 
 
+def _demo_segmenter(dev: torch.device, patch: Sequence[int]) -> Tuple[Any, torch.nn.Module, str, Dict[str, Any]]:
+    """The demo encoder with one Med3D head (seeded), in eval mode on ``dev``, and a CT plan for it.
+
+    Returns:
+        The config, the model, its task and the predictor metadata (plan, window).
+    """
+    from .api import create_model
+    from .config import load_config
+    from .resources import resource_path
+
+    cfg = load_config(resource_path("configs/demo/finetune.yaml"))
+    torch.manual_seed(0)
+    model = create_model(cfg).to(dev).eval()
+    task = model.tasks[0]
+    plan = {"channel_names": ["CT"], "labels": {"0": "background", "1": "spleen"}, "channels": None,
+            "target_spacing": [3.0, 1.5, 1.5], "crop_nonzero": True,
+            "normalization": [{"scheme": "ct", "clip": [-100.0, 200.0], "mean": 40.0, "std": 30.0}]}
+    return cfg, model, task, {"plans": {task: plan}, "patch_size": list(patch)}
+
+
+def _random_ct(shape_zyx: Sequence[int]) -> Any:
+    """A seeded random CT ``Image`` already on the demo plan's grid (nothing to crop or resample)."""
+    from .data.image import Geometry, Image
+
+    vol = np.random.default_rng(0).normal(40, 30, (1, *shape_zyx)).astype(np.float32)
+    return Image(vol, Geometry(tuple(shape_zyx), (1.5, 1.5, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+
+
 def infer_bench(shape_zyx: Sequence[int] = (128, 256, 256), patch: Sequence[int] = (32, 64, 64),
                 overlap: float = 0.5, sw_batch_size: int = 2, repeats: int = 3,
                 device: Optional[str] = None, cpu_time: bool = False) -> Dict[str, Any]:
@@ -174,25 +202,11 @@ def infer_bench(shape_zyx: Sequence[int] = (128, 256, 256), patch: Sequence[int]
     """
     from monai.inferers import sliding_window_inference
 
-    from .api import create_model
-    from .config import load_config
-    from .data.image import Geometry, Image
     from .inference import Predictor
-    from .resources import resource_path
 
     dev = resolve_device(device)
-    cfg = load_config(resource_path("configs/demo/finetune.yaml"))
-    torch.manual_seed(0)
-    model = create_model(cfg).to(dev).eval()
-    task = model.tasks[0]
-    spacing = (1.5, 1.5, 3.0)
-    rng = np.random.default_rng(0)
-    vol = rng.normal(40, 30, (1, *shape_zyx)).astype(np.float32)
-    image = Image(vol, Geometry(tuple(shape_zyx), spacing, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
-    plan = {"channel_names": ["CT"], "labels": {"0": "background", "1": "spleen"}, "channels": None,
-            "target_spacing": [3.0, 1.5, 1.5], "crop_nonzero": True,
-            "normalization": [{"scheme": "ct", "clip": [-100.0, 200.0], "mean": 40.0, "std": 30.0}]}
-    meta = {"plans": {task: plan}, "patch_size": list(patch)}
+    cfg, model, task, meta = _demo_segmenter(dev, patch)
+    image = _random_ct(shape_zyx)
     amp = torch.bfloat16 if dev.type == "cuda" else None
     # The baseline gets the volume as the network sees it (normalised once, untimed): the network's speed
     # depends on its input's values, a few percent between raw and normalised CT here.
@@ -287,25 +301,13 @@ def onnx_bench(shape_zyx: Sequence[int] = (96, 192, 192), patch: Sequence[int] =
         batch (``*_window``), ``onnxruntime`` / ``ratio`` for the provider predict picks, and each
         provider's speed-up over PyTorch (``ratio_<provider>``).
     """
-    from .api import create_model
-    from .config import load_config
-    from .data.image import Geometry, Image
     from .export import export_onnx
     from .inference import Predictor
     from .inference.onnx_runtime import onnx_predictor, providers
-    from .resources import resource_path
 
     dev = torch.device("cpu")
-    cfg = load_config(resource_path("configs/demo/finetune.yaml"))
-    torch.manual_seed(0)
-    model = create_model(cfg).eval()
-    task = model.tasks[0]
-    plan = {"channel_names": ["CT"], "labels": {"0": "background", "1": "spleen"}, "channels": None,
-            "target_spacing": [3.0, 1.5, 1.5], "crop_nonzero": True,
-            "normalization": [{"scheme": "ct", "clip": [-100.0, 200.0], "mean": 40.0, "std": 30.0}]}
-    meta = {"plans": {task: plan}, "patch_size": list(patch)}
-    vol = np.random.default_rng(0).normal(40, 30, (1, *shape_zyx)).astype(np.float32)
-    image = Image(vol, Geometry(tuple(shape_zyx), (1.5, 1.5, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    cfg, model, task, meta = _demo_segmenter(dev, patch)
+    image = _random_ct(shape_zyx)
     names = [p[0] if isinstance(p, tuple) else p for p in providers("cpu")]  # predict's pick first
     tmp = Path(tempfile.mkdtemp(prefix="med3d-bench-"))
     try:
@@ -407,21 +409,11 @@ def scaling_bench(sizes: Sequence[Sequence[int]] = SCALING_SIZES, patch: Sequenc
     Returns:
         One row per size: ``shape``, ``voxels``, ``windows``, ``seconds``, ``ns_per_voxel``, ``ms_per_window``.
     """
-    from .api import create_model
-    from .config import load_config
-    from .data.image import Geometry, Image
     from .inference import Predictor
-    from .resources import resource_path
 
     dev = resolve_device(device)
-    cfg = load_config(resource_path("configs/demo/finetune.yaml"))
-    torch.manual_seed(0)
-    model = create_model(cfg).to(dev).eval()
-    task = model.tasks[0]
-    plan = {"channel_names": ["CT"], "labels": {"0": "background", "1": "spleen"}, "channels": None,
-            "target_spacing": [3.0, 1.5, 1.5], "crop_nonzero": True,
-            "normalization": [{"scheme": "ct", "clip": [-100.0, 200.0], "mean": 40.0, "std": 30.0}]}
-    predictor = Predictor(model, {"plans": {task: plan}, "patch_size": list(patch)}, dev)
+    cfg, model, task, meta = _demo_segmenter(dev, patch)
+    predictor = Predictor(model, meta, dev)
     sizes = [tuple(s) for s in sizes] + ([LARGE_SIZE] if large else [])
     clock_name = "CPU time on 1 thread" if cpu_time else f"torch threads {torch.get_num_threads()}"
     print(f"window {list(patch)}, overlap {overlap}, sw batch {sw_batch_size}, {cfg.model.encoder.arch} widths "
@@ -430,8 +422,7 @@ def scaling_bench(sizes: Sequence[Sequence[int]] = SCALING_SIZES, patch: Sequenc
     rows = []
     warm = True
     for shape in sizes:
-        vol = np.random.default_rng(0).normal(40, 30, (1, *shape)).astype(np.float32)
-        image = Image(vol, Geometry(tuple(shape), (1.5, 1.5, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+        image = _random_ct(shape)
         call = lambda im=image: predictor(im, task, overlap=overlap, sw_batch_size=sw_batch_size)  # noqa: E731
         with one_thread_cpu(cpu_time) as clock:
             if warm:
@@ -444,7 +435,7 @@ def scaling_bench(sizes: Sequence[Sequence[int]] = SCALING_SIZES, patch: Sequenc
         r = rows[-1]
         print(f"{'x'.join(map(str, shape)):>18} {n / 1e6:>8.2f} {windows:>8} {best:>8.2f} {r['ns_per_voxel']:>9.1f} "
               f"{r['ms_per_window']:>10.1f}")
-        del vol, image
+        del image, call  # the large volume goes before the next one is made
     return rows
 
 
