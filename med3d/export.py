@@ -230,6 +230,7 @@ def _input_channels(wrapped: _TaskModel) -> int:
 
 # ONNX metadata_props stored as plain text; every other value is JSON.
 ONNX_TEXT_KEYS = ("format", "med3d_version", "task", "kind", "input", "output")
+SIZE_CHECK = "_must_be_a_multiple_of_"  # in the names of the size check's nodes: ``depth_must_be_a_multiple_of_8``
 
 
 def onnx_trace_size(input_size: Sequence[int], divisibility: Sequence[int]) -> List[int]:
@@ -388,7 +389,7 @@ def _add_size_check(proto: Any, div: Sequence[int]) -> None:
     for axis, name, d in zip((2, 3, 4), ("depth", "height", "width"), div):
         if d == 1:
             continue
-        check = f"{name}_must_be_a_multiple_of_{d}"
+        check = f"{name}{SIZE_CHECK}{d}"
         graph.initializer.append(helper.make_tensor(f"{check}_shape", TensorProto.INT64, [2], [-1, d]))
         nodes += [helper.make_node("Shape", ["image"], [f"{check}_len"], start=axis, end=axis + 1),
                   helper.make_node("ConstantOfShape", [f"{check}_len"], [f"{check}_zeros"]),
@@ -405,6 +406,32 @@ def _add_size_check(proto: Any, div: Sequence[int]) -> None:
         guard = f"size_check_{i}"
     nodes.append(helper.make_node("Add", [f"{out}_unchecked", guard], [out], name="size_check"))
     graph.node.extend(nodes)
+
+
+def remove_size_check(proto: Any) -> bool:
+    """Undo ``_add_size_check`` on a loaded ONNX model, for runners that pad every input to the divisibility.
+
+    ``med3d predict`` pads before each call, so the check can never fire there; and onnxruntime's
+    OpenVINO provider runs its shape operations apart from the network, which splits the graph in
+    pieces and keeps OpenVINO from compiling it for a fixed input shape.
+
+    Args:
+        proto: an ``onnx.ModelProto`` written by ``export_onnx`` (changed in place).
+
+    Returns:
+        Whether the model had the check.
+    """
+    graph = proto.graph
+    out = graph.output[0].name
+    drop = [i for i, n in enumerate(graph.node)
+            if n.name == "size_check" or any(SIZE_CHECK in o or o.startswith("size_check_") for o in n.output)]
+    for i in reversed(drop):
+        del graph.node[i]
+    for i in reversed([i for i, t in enumerate(graph.initializer) if SIZE_CHECK in t.name]):
+        del graph.initializer[i]
+    for node in graph.node:
+        node.output[:] = [out if o == f"{out}_unchecked" else o for o in node.output]
+    return bool(drop)
 
 
 def _check_onnx(wrapped: nn.Module, path: Path, xs: Sequence[torch.Tensor]) -> float:
@@ -448,7 +475,10 @@ def export_torchscript(model: nn.Module, out: str | Path, input_size: Sequence[i
     """
     wrapped = _task_model(model, task, "torchscript")
     xs = _inputs(wrapped, input_size)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Shape-derived Python values (window factors, odd-size alignment) become constants of the trace; the
+        # check at a second, odd size below is what tells whether the trace generalises, not these warnings.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(wrapped, xs[0])
         got, ref = traced(xs[1]), wrapped(xs[1])
     if got.shape != ref.shape or float((got - ref).abs().max()) > 1e-3:

@@ -140,3 +140,35 @@ def test_odd_sizes_are_padded_to_the_divisibility_and_cropped(layout, kind):
 def test_multitask_model_without_heads_is_allowed():
     model = MultiTaskModel(med3d.create_encoder("resnet10"))
     assert model.tasks == []
+
+
+@pytest.mark.parametrize("shape, size", [((2, 3, 4, 5, 6), (8, 20, 24)),  # factors 2, 4, 4
+                                         ((1, 2, 3, 7, 1), (3, 14, 4)),  # 1, 2 and 4 (an axis of one voxel)
+                                         ((1, 1, 2, 3, 4), (16, 24, 32))])  # 8 per axis
+def test_axis_by_axis_upsampling_equals_trilinear_interpolate(shape, size):
+    """Whole factors per axis give F.interpolate's trilinear values, and its gradient, to float rounding."""
+    import torch.nn.functional as F
+
+    from med3d.models.upsample import upsample_trilinear
+
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    ref = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+    got = upsample_trilinear(x, size)
+    assert got.shape == ref.shape and torch.allclose(got, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(ref)
+    (ref_grad,), (got_grad,) = torch.autograd.grad(ref, x, g), torch.autograd.grad(got, x, g)
+    assert torch.allclose(got_grad, ref_grad, rtol=0, atol=1e-12)
+
+
+def test_upsampling_by_other_ratios_and_low_precision_is_interpolate():
+    """Fractions and shrinking go to F.interpolate; the dtype is kept (bf16 under autocast stays bf16)."""
+    import torch.nn.functional as F
+
+    from med3d.models.upsample import upsample_trilinear
+
+    x = torch.randn(1, 2, 4, 6, 8)
+    for size in ((6, 9, 12), (2, 3, 4), (8, 12, 12)):  # 1.5x; a half; 2, 2 and 1.5
+        assert torch.equal(upsample_trilinear(x, size), F.interpolate(x, size=size, mode="trilinear"))
+    low = upsample_trilinear(x.bfloat16(), (8, 12, 16))
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - F.interpolate(x, size=(8, 12, 16), mode="trilinear")).abs().max() < 0.05

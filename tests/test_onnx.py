@@ -309,3 +309,95 @@ def test_export_knows_a_classification_export(tmp_path):
     cls = _fake_export(tmp_path / "c.onnx", **_med3d_props({**PLAN, "kind": "classification"}), kind="classification")
     seg = _fake_export(tmp_path / "s.onnx", **_med3d_props(PLAN), kind="segmentation")
     assert _exported_kind(str(cls)) == "classification" and _exported_kind(str(seg)) == "segmentation"
+
+
+# ------------------------------------------------------------------ the size check, and sessions per input shape
+
+def _checked_identity(tmp_path: Path) -> tuple:
+    """The identity export with the size check ``export_onnx`` adds (divisibility 4, 1, 2), and a copy without."""
+    from med3d.export import _add_size_check
+
+    plain = onnx.load(str(_fake_export(tmp_path / "plain.onnx", **_med3d_props(PLAN))))
+    checked = onnx.ModelProto()
+    checked.CopyFrom(plain)
+    _add_size_check(checked, (4, 1, 2))
+    return plain, checked
+
+
+def test_predict_runs_the_graph_without_its_size_check(tmp_path):
+    """remove_size_check gives back the graph as exported; the check itself refuses sizes, naming the divisibility."""
+    from med3d.export import remove_size_check
+
+    plain, checked = _checked_identity(tmp_path)
+    session = ort.InferenceSession(checked.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(1, 1, 8, 3, 6)).astype(np.float32)
+    assert np.array_equal(session.run(None, {"image": x})[0], x)
+    with pytest.raises(Exception, match="width_must_be_a_multiple_of_2"):
+        session.run(None, {"image": x[..., :5]})
+    assert remove_size_check(checked) and checked == plain
+    assert not remove_size_check(checked)  # nothing left to remove
+
+
+def test_fixed_shape_sessions_build_one_session_per_window_shape(tmp_path):
+    """A smaller last batch reuses the session of the full one (padded, cropped back); a new shape builds another."""
+    from med3d.inference.onnx_runtime import FixedShapeSessions
+
+    graph = _checked_identity(tmp_path)[0].SerializeToString()
+    runner = FixedShapeSessions(graph, ["CPUExecutionProvider"], threads=1, where="m.onnx", keep=2)
+    rng = np.random.default_rng(0)
+    full, last = (rng.normal(size=(n, 1, 4, 6, 6)).astype(np.float32) for n in (3, 2))
+    assert np.array_equal(runner.run(["logits"], {"image": full})[0], full)
+    assert np.array_equal(runner.run(["logits"], {"image": last})[0], last)
+    assert list(runner.sessions) == [(3, 1, 4, 6, 6)]
+    for width in (4, 2):  # two more shapes: the first session is dropped (keep=2)
+        runner.run(["logits"], {"image": np.zeros((3, 1, 4, 6, width), np.float32)})
+    assert list(runner.sessions) == [(3, 1, 4, 6, 4), (3, 1, 4, 6, 2)]
+
+
+def test_openvino_sessions_are_built_for_the_input_shape_with_the_threads_of_the_load(tmp_path, monkeypatch):
+    """Sessions are built inside the window loop, where PyTorch runs on one thread: they keep the load's count."""
+    from med3d.device import torch_threads
+    from med3d.inference.onnx_runtime import OPENVINO, FixedShapeSessions
+
+    built, real = [], ort.InferenceSession
+
+    def session(graph, options, providers):
+        built.append((options.intra_op_num_threads, providers))
+        return real(graph, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    graph = _checked_identity(tmp_path)[0].SerializeToString()
+    chosen = [(OPENVINO, {"device_type": "CPU", "num_of_threads": "2"}), "CPUExecutionProvider"]
+    runner = FixedShapeSessions(graph, chosen, threads=2, where="m.onnx")
+    with torch_threads(1):
+        runner.run(["logits"], {"image": np.zeros((2, 1, 4, 6, 6), np.float32)})
+    threads, providers = built[0]
+    assert threads == 2 and providers[1] == "CPUExecutionProvider"
+    assert providers[0] == (OPENVINO, {"device_type": "CPU", "num_of_threads": "2", "reshape_input": "image[2,1,4,6,6]"})
+    assert chosen[0][1] == {"device_type": "CPU", "num_of_threads": "2"}  # the load's options are not changed
+
+
+def test_onnx_predictor_builds_openvino_sessions_per_shape(tmp_path, monkeypatch):
+    from med3d.inference.onnx_runtime import OPENVINO, FixedShapeSessions, onnx_predictor
+
+    real = ort.InferenceSession
+
+    class OpenVinoLike:  # a CPU session that reports OpenVINO first, as onnxruntime-openvino's does
+        def __init__(self, graph, options, providers):
+            self.session = real(graph, options, providers=["CPUExecutionProvider"])
+
+        def get_providers(self):
+            return [OPENVINO, "CPUExecutionProvider"]
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [OPENVINO, "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", OpenVinoLike)
+    path = _fake_export(tmp_path / "seg.onnx", **_med3d_props(PLAN))
+    predictor = onnx_predictor(path, "cpu")
+    assert isinstance(predictor.model.session, FixedShapeSessions)
+    assert predictor.meta["onnx_providers"][0] == OPENVINO
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", real)
+    assert not isinstance(onnx_predictor(path, "cpu").model.session, FixedShapeSessions)

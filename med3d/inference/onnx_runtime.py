@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Union
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from ..device import torch_threads
@@ -75,8 +76,8 @@ def _with_options(name: str) -> Any:
     return name
 
 
-def _session_options(ort: Any) -> Any:
-    """CPU threads as PyTorch's (``torch.set_num_threads`` governs both), no spinning between calls, errors only.
+def _session_options(ort: Any, threads: int) -> Any:
+    """``threads`` CPU threads (PyTorch's when loading: ``torch.set_num_threads`` governs both), no spinning, errors only.
 
     The window loop alternates the session with PyTorch's blending and softmax; spinning ORT
     threads would hold the cores those steps need. Errors only: onnxruntime warns for every
@@ -84,7 +85,7 @@ def _session_options(ort: Any) -> Any:
     predict prints the session's providers instead.
     """
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
@@ -105,11 +106,61 @@ class OnnxPredictor(Predictor):
         return torch_threads(1)
 
 
+class FixedShapeSessions:
+    """onnxruntime sessions over one graph, each built for one input shape, run as one session is.
+
+    OpenVINO compiles a graph whose sizes are fixed (its ``reshape_input`` option) into faster code
+    than one with symbolic sizes: 1.3x per window batch here (BENCHMARKS, ONNX Runtime). A window
+    loop feeds one shape but for its last batch, which may hold fewer windows: that one is padded
+    with empty windows to the batch already built instead of building another. At most ``keep``
+    sessions are held (each holds the weights), the oldest dropped first.
+
+    Args:
+        graph: the serialised ONNX model.
+        chosen: providers as ``providers()`` returns them; OpenVINO's options get the shape.
+        threads: CPU threads of each session (sessions are built inside the window loop, where
+            PyTorch itself runs on one thread).
+        where: the file, for messages.
+        keep: sessions held at most.
+    """
+
+    def __init__(self, graph: bytes, chosen: Sequence[Any], threads: int, where: str, keep: int = 4) -> None:
+        self.graph, self.chosen, self.threads, self.where, self.keep = graph, list(chosen), threads, where, keep
+        self.sessions: Dict[Tuple[int, ...], Any] = {}
+
+    def run(self, names: Optional[List[str]], feed: Dict[str, np.ndarray]) -> List[np.ndarray]:
+        """``session.run`` on the session built for ``feed["image"]``'s shape, or one of a larger batch."""
+        x = feed["image"]
+        shape = tuple(x.shape)
+        built = next((s for s in self.sessions if s[1:] == shape[1:] and s[0] >= shape[0]), None)
+        if built is None:
+            built = shape
+            self.sessions[shape] = self._build(shape)
+        if built[0] > shape[0]:
+            x = np.concatenate([x, np.zeros((built[0] - shape[0], *shape[1:]), x.dtype)])
+        return [out[:shape[0]] for out in self.sessions[built].run(names, {"image": x})]
+
+    def _build(self, shape: Tuple[int, ...]) -> Any:
+        import onnxruntime as ort
+
+        fixed = f"image[{','.join(map(str, shape))}]"
+        chosen = [(p[0], {**p[1], "reshape_input": fixed}) if isinstance(p, tuple) and p[0] == OPENVINO else p
+                  for p in self.chosen]
+        while len(self.sessions) >= self.keep:
+            self.sessions.pop(next(iter(self.sessions)))
+        try:
+            return ort.InferenceSession(self.graph, _session_options(ort, self.threads), providers=chosen)
+        except Exception as err:
+            raise Med3DError(f"{self.where}: onnxruntime cannot build it for input {list(shape)} "
+                             f"({str(err).strip().splitlines()[0]})")
+
+
 class OnnxNetwork:
     """The network of an ONNX export, called like ``MultiTaskModel``: ``net(x, task)`` -> logits (torch).
 
     Sizes that are not multiples of the graph's size divisibility are zero-padded at the far ends
     and the logits cropped back, exactly as ``MultiTaskModel.forward`` does inside PyTorch.
+    ``session`` is an onnxruntime session, or anything with its ``run`` (``FixedShapeSessions``).
     """
 
     def __init__(self, session: Any, task: str, divisibility: Sequence[int], in_channels: int, where: str) -> None:
@@ -198,17 +249,42 @@ def onnx_predictor(path: PathLike, device: Optional[str] = None, provider: Optio
         import onnxruntime as ort
     except ImportError:
         raise Med3DError("predicting with an ONNX model needs onnxruntime: pip install 'med3d[onnx]'")
+    chosen = providers(device, provider)
+    graph, threads = _network_graph(path), torch.get_num_threads()
     try:
-        session = ort.InferenceSession(where, _session_options(ort), providers=providers(device, provider))
-    except Med3DError:
-        raise
+        session = ort.InferenceSession(graph, _session_options(ort, threads), providers=chosen)
     except Exception as err:  # onnxruntime's message is long; its first line says what is wrong
         raise Med3DError(f"{where}: onnxruntime cannot load it ({str(err).strip().splitlines()[0]})")
     md = read_metadata(session, where)
     plan = _check_plan(md, where)
-    task = md["task"]
+    task, used = md["task"], session.get_providers()
+    if used[0] == OPENVINO:  # built again per input shape; this one only checked the file and the providers
+        session = FixedShapeSessions(graph, chosen, threads, where)
     net = OnnxNetwork(session, task, md["size_divisibility_zyx"], md["in_channels"], where)
     meta = {"plans": {task: plan}, "patch_size": md["window_zyx"], "in_channels": md["in_channels"],
             "job": (md.get("model_card") or {}).get("training", {}).get("job"), "onnx": where,
-            "onnx_providers": session.get_providers()}
+            "onnx_providers": used}
     return OnnxPredictor(net, meta, torch.device("cpu"))  # type: ignore[arg-type]
+
+
+def _network_graph(path: PathLike) -> bytes:
+    """The ONNX file's model, serialised, without the export's size check (``OnnxNetwork`` pads every input).
+
+    Raises:
+        Med3DError: onnx missing, or the file not an ONNX model.
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise Med3DError("predicting with an ONNX model needs onnx: pip install 'med3d[onnx]'")
+    from google.protobuf.message import DecodeError
+
+    from ..export import remove_size_check
+
+    try:
+        proto = onnx.load(str(path))
+    except (DecodeError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise Med3DError(f"{path}: onnxruntime cannot load it (not an ONNX model: {first})")
+    remove_size_check(proto)
+    return proto.SerializeToString()

@@ -13,16 +13,16 @@ from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..registry import HEADS
 from .resnet3d import FeatureInfo, Triple, size_divisibility
+from .upsample import upsample_trilinear
 
 
 def _resize(logits: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
     if tuple(logits.shape[2:]) == tuple(out_size):
         return logits
-    return F.interpolate(logits, size=tuple(out_size), mode="trilinear", align_corners=False)
+    return upsample_trilinear(logits, out_size)
 
 
 @HEADS.register("med3d")
