@@ -408,7 +408,7 @@ def _add_size_check(proto: Any, div: Sequence[int]) -> None:
     graph.node.extend(nodes)
 
 
-def remove_size_check(proto: Any) -> bool:
+def remove_size_check(proto: Any) -> Optional[List[int]]:
     """Undo ``_add_size_check`` on a loaded ONNX model, for runners that pad every input to the divisibility.
 
     ``med3d predict`` pads before each call, so the check can never fire there; and onnxruntime's
@@ -419,19 +419,32 @@ def remove_size_check(proto: Any) -> bool:
         proto: an ``onnx.ModelProto`` written by ``export_onnx`` (changed in place).
 
     Returns:
-        Whether the model had the check.
+        The divisibility (z, y, x) the check enforced, read from its node names (1 for an axis it
+        left free), for comparison with the metadata; None where the model has no check.
     """
     graph = proto.graph
+    if not graph.output:
+        return None
     out = graph.output[0].name
-    drop = [i for i, n in enumerate(graph.node)
-            if n.name == "size_check" or any(SIZE_CHECK in o or o.startswith("size_check_") for o in n.output)]
+    div = [1, 1, 1]
+    drop = []
+    for i, node in enumerate(graph.node):
+        if node.name == "size_check" or any(SIZE_CHECK in o or o.startswith("size_check_") for o in node.output):
+            drop.append(i)
+        for axis, name in enumerate(("depth", "height", "width")):
+            if node.op_type == "Reshape" and node.name.startswith(f"{name}{SIZE_CHECK}"):
+                div[axis] = int(node.name[len(name) + len(SIZE_CHECK):])
+    if not drop:
+        return None
     for i in reversed(drop):
         del graph.node[i]
-    for i in reversed([i for i, t in enumerate(graph.initializer) if SIZE_CHECK in t.name]):
-        del graph.initializer[i]
+    stale = ("size_check", f"{out}_unchecked")  # the check's constants, and shapes inferred for its tensors
+    for field in (graph.initializer, graph.value_info):
+        for i in reversed([i for i, t in enumerate(field) if SIZE_CHECK in t.name or t.name.startswith(stale)]):
+            del field[i]
     for node in graph.node:
         node.output[:] = [out if o == f"{out}_unchecked" else o for o in node.output]
-    return bool(drop)
+    return div
 
 
 def _check_onnx(wrapped: nn.Module, path: Path, xs: Sequence[torch.Tensor]) -> float:

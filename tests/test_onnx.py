@@ -243,7 +243,7 @@ def test_onnx_not_an_onnx_file_is_one_line(tmp_path, capsys, real_data):
     bad = tmp_path / "broken.onnx"
     bad.write_bytes(b"not a protobuf")
     code, text = _predict(capsys, bad, real_data / "totalseg_ct" / "ct.nii.gz", tmp_path / "out")
-    assert code == 2 and "onnxruntime cannot load it" in text and text.count("\n") == 1
+    assert code == 2 and "cannot be read as an ONNX model" in text and text.count("\n") == 1
 
 
 def test_onnx_metadata_missing_a_key_is_one_line(tmp_path, capsys, real_data):
@@ -334,24 +334,24 @@ def test_predict_runs_the_graph_without_its_size_check(tmp_path):
     assert np.array_equal(session.run(None, {"image": x})[0], x)
     with pytest.raises(Exception, match="width_must_be_a_multiple_of_2"):
         session.run(None, {"image": x[..., :5]})
-    assert remove_size_check(checked) and checked == plain
-    assert not remove_size_check(checked)  # nothing left to remove
+    assert remove_size_check(checked) == [4, 1, 2] and checked == plain
+    assert remove_size_check(checked) is None  # nothing left to remove
 
 
-def test_fixed_shape_sessions_build_one_session_per_window_shape(tmp_path):
-    """A smaller last batch reuses the session of the full one (padded, cropped back); a new shape builds another."""
+def test_fixed_shape_sessions_build_one_session_per_input_shape(tmp_path):
+    """One session per shape (the window loop's full and last batches), at most ``keep``, the oldest dropped."""
     from med3d.inference.onnx_runtime import FixedShapeSessions
 
     graph = _checked_identity(tmp_path)[0].SerializeToString()
     runner = FixedShapeSessions(graph, ["CPUExecutionProvider"], threads=1, where="m.onnx", keep=2)
     rng = np.random.default_rng(0)
     full, last = (rng.normal(size=(n, 1, 4, 6, 6)).astype(np.float32) for n in (3, 2))
-    assert np.array_equal(runner.run(["logits"], {"image": full})[0], full)
-    assert np.array_equal(runner.run(["logits"], {"image": last})[0], last)
-    assert list(runner.sessions) == [(3, 1, 4, 6, 6)]
-    for width in (4, 2):  # two more shapes: the first session is dropped (keep=2)
-        runner.run(["logits"], {"image": np.zeros((3, 1, 4, 6, width), np.float32)})
-    assert list(runner.sessions) == [(3, 1, 4, 6, 4), (3, 1, 4, 6, 2)]
+    for x in (full, last, full):
+        assert np.array_equal(runner.run(["logits"], {"image": x})[0], x)
+    assert list(runner.sessions) == [(3, 1, 4, 6, 6), (2, 1, 4, 6, 6)]
+    runner.run(["logits"], {"image": full[..., :4]})  # a third shape: the first session is dropped
+    assert list(runner.sessions) == [(2, 1, 4, 6, 6), (3, 1, 4, 6, 4)]
+    assert runner.get_providers() == ["CPUExecutionProvider"]
 
 
 def test_openvino_sessions_are_built_for_the_input_shape_with_the_threads_of_the_load(tmp_path, monkeypatch):
@@ -397,7 +397,66 @@ def test_onnx_predictor_builds_openvino_sessions_per_shape(tmp_path, monkeypatch
     path = _fake_export(tmp_path / "seg.onnx", **_med3d_props(PLAN))
     predictor = onnx_predictor(path, "cpu")
     assert isinstance(predictor.model.session, FixedShapeSessions)
+    assert list(predictor.model.session.sessions) == [(2, 1, 16, 16, 16)]  # predict's usual window batch, built at load
     assert predictor.meta["onnx_providers"][0] == OPENVINO
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", real)
     assert not isinstance(onnx_predictor(path, "cpu").model.session, FixedShapeSessions)
+
+
+def test_openvino_without_reshape_input_builds_the_session_with_symbolic_sizes(tmp_path, monkeypatch):
+    from med3d.inference.onnx_runtime import OPENVINO, FixedShapeSessions
+
+    real, tried = ort.InferenceSession, []
+
+    def session(graph, options, providers):
+        tried.append(providers[0])
+        if "reshape_input" in providers[0][1]:
+            raise RuntimeError("Unknown provider option reshape_input")
+        return real(graph, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    graph = _checked_identity(tmp_path)[0].SerializeToString()
+    runner = FixedShapeSessions(graph, [(OPENVINO, {"device_type": "CPU"}), "CPUExecutionProvider"], 1, "m.onnx")
+    x = np.ones((1, 1, 4, 6, 6), np.float32)
+    assert np.array_equal(runner.run(["logits"], {"image": x})[0], x)
+    assert [p[1] for p in tried] == [{"device_type": "CPU", "reshape_input": "image[1,1,4,6,6]"}, {"device_type": "CPU"}]
+
+
+def test_onnx_predict_without_the_onnx_package_runs_the_file_as_it_is(tmp_path, monkeypatch):
+    import sys
+
+    from med3d.inference.onnx_runtime import FixedShapeSessions, onnx_predictor
+
+    path = _fake_export(tmp_path / "seg.onnx", **_med3d_props(PLAN))
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    predictor = onnx_predictor(path, "cpu")
+    assert not isinstance(predictor.model.session, FixedShapeSessions)
+    assert predictor.meta["plans"]["t"]["channel_names"] == ["CT"]
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("case", ["empty", "external data missing", "divisibility not the graph's"])
+def test_onnx_files_that_cannot_be_used_are_one_line(tmp_path, capsys, real_data, case):
+    from onnx import numpy_helper
+
+    from badinput import refused
+    from med3d.export import _add_size_check
+
+    path = tmp_path / "m.onnx"
+    if case == "empty":
+        path.write_bytes(b"")
+        names = r"m\.onnx: an ONNX model without med3d metadata"
+    elif case == "external data missing":
+        model = onnx.load(str(_fake_export(path, **_med3d_props(PLAN))))
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros(4096, np.float32), "unused"))
+        onnx.save_model(model, str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+        (tmp_path / "m.data").unlink()
+        names = r"m\.onnx: cannot be read as an ONNX model \(.*\); export it again"
+    else:
+        model = onnx.load(str(_fake_export(path, **_med3d_props(PLAN))))  # the metadata says divisibility 1
+        _add_size_check(model, (8, 8, 8))
+        onnx.save_model(model, str(path))
+        names = r"m\.onnx: metadata_props size_divisibility_zyx is \[1, 1, 1\] but the graph takes multiples of \[8, 8, 8\]"
+    refused(["predict", path, real_data / "totalseg_ct" / "ct.nii.gz", "--out", tmp_path / "out"], capsys,
+            names=names, inputs=[path], watch=tmp_path)

@@ -111,12 +111,13 @@ class FixedShapeSessions:
 
     OpenVINO compiles a graph whose sizes are fixed (its ``reshape_input`` option) into faster code
     than one with symbolic sizes: 1.3x per window batch here (BENCHMARKS, ONNX Runtime). A window
-    loop feeds one shape but for its last batch, which may hold fewer windows: that one is padded
-    with empty windows to the batch already built instead of building another. At most ``keep``
-    sessions are held (each holds the weights), the oldest dropped first.
+    loop feeds one shape, and one more where its last batch holds fewer windows; each gets its
+    session on first use (0.1 s for the demo model here). At most ``keep`` sessions are held (each
+    holds the weights), the oldest dropped first. Where OpenVINO refuses the fixed shape (an
+    onnxruntime without ``reshape_input``), the session is built with symbolic sizes instead.
 
     Args:
-        graph: the serialised ONNX model.
+        graph: the serialised ONNX model (without the export's size check, which would split it).
         chosen: providers as ``providers()`` returns them; OpenVINO's options get the shape.
         threads: CPU threads of each session (sessions are built inside the window loop, where
             PyTorch itself runs on one thread).
@@ -129,16 +130,26 @@ class FixedShapeSessions:
         self.sessions: Dict[Tuple[int, ...], Any] = {}
 
     def run(self, names: Optional[List[str]], feed: Dict[str, np.ndarray]) -> List[np.ndarray]:
-        """``session.run`` on the session built for ``feed["image"]``'s shape, or one of a larger batch."""
-        x = feed["image"]
-        shape = tuple(x.shape)
-        built = next((s for s in self.sessions if s[1:] == shape[1:] and s[0] >= shape[0]), None)
-        if built is None:
-            built = shape
+        """``session.run`` on the session built for ``feed["image"]``'s shape."""
+        return self.session(tuple(feed["image"].shape)).run(names, feed)
+
+    def session(self, shape: Tuple[int, ...]) -> Any:
+        """The session for inputs of ``shape``, built now if there is none yet.
+
+        Raises:
+            Med3DError: onnxruntime cannot build a session over the graph.
+        """
+        if shape not in self.sessions:
+            while len(self.sessions) >= self.keep:
+                self.sessions.pop(next(iter(self.sessions)))
             self.sessions[shape] = self._build(shape)
-        if built[0] > shape[0]:
-            x = np.concatenate([x, np.zeros((built[0] - shape[0], *shape[1:]), x.dtype)])
-        return [out[:shape[0]] for out in self.sessions[built].run(names, {"image": x})]
+        return self.sessions[shape]
+
+    def get_providers(self) -> List[str]:
+        """The providers of the sessions, as ``InferenceSession.get_providers`` gives them."""
+        if self.sessions:
+            return next(iter(self.sessions.values())).get_providers()
+        return [_name(p) for p in self.chosen]
 
     def _build(self, shape: Tuple[int, ...]) -> Any:
         import onnxruntime as ort
@@ -146,13 +157,14 @@ class FixedShapeSessions:
         fixed = f"image[{','.join(map(str, shape))}]"
         chosen = [(p[0], {**p[1], "reshape_input": fixed}) if isinstance(p, tuple) and p[0] == OPENVINO else p
                   for p in self.chosen]
-        while len(self.sessions) >= self.keep:
-            self.sessions.pop(next(iter(self.sessions)))
         try:
             return ort.InferenceSession(self.graph, _session_options(ort, self.threads), providers=chosen)
+        except Exception:  # e.g. an onnxruntime-openvino without reshape_input: symbolic sizes still run
+            pass
+        try:
+            return ort.InferenceSession(self.graph, _session_options(ort, self.threads), providers=self.chosen)
         except Exception as err:
-            raise Med3DError(f"{self.where}: onnxruntime cannot build it for input {list(shape)} "
-                             f"({str(err).strip().splitlines()[0]})")
+            raise Med3DError(f"{self.where}: onnxruntime cannot load it ({_first_line(err)})")
 
 
 class OnnxNetwork:
@@ -186,13 +198,12 @@ class OnnxNetwork:
         return self  # always in inference mode; here so code that calls model.eval() keeps working
 
 
-def read_metadata(session: Any, where: str) -> Dict[str, Any]:
-    """The med3d keys of an ONNX export's ``metadata_props``, JSON-decoded.
+def read_metadata(raw: Dict[str, str], where: str) -> Dict[str, Any]:
+    """The med3d keys of an ONNX export's ``metadata_props`` (``raw``, as stored), JSON-decoded.
 
     Raises:
         Med3DError: the file has no med3d metadata, or a value is not JSON.
     """
-    raw = dict(session.get_modelmeta().custom_metadata_map)
     if raw.get("format") != FORMAT:
         raise Med3DError(f"{where}: an ONNX model without med3d metadata (metadata_props format is "
                          f"{raw.get('format')!r}, not {FORMAT!r}); export it with `med3d export CHECKPOINT "
@@ -230,6 +241,10 @@ def _check_plan(md: Dict[str, Any], where: str) -> Dict[str, Any]:
 def onnx_predictor(path: PathLike, device: Optional[str] = None, provider: Optional[str] = None) -> Predictor:
     """A ``Predictor`` whose network call is an onnxruntime session over an ONNX export.
 
+    The graph runs without the export's size check (``OnnxNetwork`` pads every input to the
+    divisibility). With OpenVINO as the first provider, the network runs through
+    ``FixedShapeSessions``; its session for batches of 2 windows (predict's default) is built here.
+
     Args:
         path: an .onnx file written by ``med3d export --format onnx``.
         device: ``cpu``, or ``cuda`` / None for the CUDA provider where onnxruntime has it.
@@ -240,7 +255,8 @@ def onnx_predictor(path: PathLike, device: Optional[str] = None, provider: Optio
 
     Raises:
         Med3DError: onnxruntime missing, the file unreadable, without med3d metadata or plan, a
-            classification task, or a plan that does not fit the network.
+            classification task, a plan that does not fit the network, or metadata whose size
+            divisibility is not the one the graph checks.
     """
     where = str(path)
     if not Path(path).is_file():
@@ -249,42 +265,67 @@ def onnx_predictor(path: PathLike, device: Optional[str] = None, provider: Optio
         import onnxruntime as ort
     except ImportError:
         raise Med3DError("predicting with an ONNX model needs onnxruntime: pip install 'med3d[onnx]'")
-    chosen = providers(device, provider)
-    graph, threads = _network_graph(path), torch.get_num_threads()
-    try:
-        session = ort.InferenceSession(graph, _session_options(ort, threads), providers=chosen)
-    except Exception as err:  # onnxruntime's message is long; its first line says what is wrong
-        raise Med3DError(f"{where}: onnxruntime cannot load it ({str(err).strip().splitlines()[0]})")
-    md = read_metadata(session, where)
+    chosen, threads = providers(device, provider), torch.get_num_threads()
+    graph, props, checked = _network_graph(path)
+    if graph is None:  # without the onnx package: the file as it is, size check included
+        session = _session(ort, where, chosen, threads, where)
+        props = dict(session.get_modelmeta().custom_metadata_map)
+    md = read_metadata(props, where)
     plan = _check_plan(md, where)
-    task, used = md["task"], session.get_providers()
-    if used[0] == OPENVINO:  # built again per input shape; this one only checked the file and the providers
+    task, div, channels = md["task"], md["size_divisibility_zyx"], md["in_channels"]
+    if checked is not None and list(checked) != list(div):
+        raise Med3DError(f"{where}: metadata_props size_divisibility_zyx is {div} but the graph takes multiples of "
+                         f"{checked}; the metadata does not belong to this network, re-export it")
+    if graph is not None and _name(chosen[0]) == OPENVINO:
         session = FixedShapeSessions(graph, chosen, threads, where)
-    net = OnnxNetwork(session, task, md["size_divisibility_zyx"], md["in_channels"], where)
-    meta = {"plans": {task: plan}, "patch_size": md["window_zyx"], "in_channels": md["in_channels"],
+        window = [-(-w // d) * d for w, d in zip(md["window_zyx"], div)]
+        session.session((2, channels, *window))  # loads the file now, and compiles predict's usual shape
+    elif graph is not None:
+        session = _session(ort, graph, chosen, threads, where)
+    net = OnnxNetwork(session, task, div, channels, where)
+    meta = {"plans": {task: plan}, "patch_size": md["window_zyx"], "in_channels": channels,
             "job": (md.get("model_card") or {}).get("training", {}).get("job"), "onnx": where,
-            "onnx_providers": used}
+            "onnx_providers": session.get_providers()}
     return OnnxPredictor(net, meta, torch.device("cpu"))  # type: ignore[arg-type]
 
 
-def _network_graph(path: PathLike) -> bytes:
-    """The ONNX file's model, serialised, without the export's size check (``OnnxNetwork`` pads every input).
+def _name(provider: Any) -> str:
+    return provider[0] if isinstance(provider, tuple) else provider
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's first line (onnxruntime's and onnx's messages run on), or its type where it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _session(ort: Any, model: Union[str, bytes], chosen: List[Any], threads: int, where: str) -> Any:
+    """An onnxruntime session over ``model`` (a path or serialised bytes), its failure one line naming the file."""
+    try:
+        return ort.InferenceSession(model, _session_options(ort, threads), providers=chosen)
+    except Exception as err:
+        raise Med3DError(f"{where}: onnxruntime cannot load it ({_first_line(err)})")
+
+
+def _network_graph(path: PathLike) -> Tuple[Optional[bytes], Dict[str, str], Optional[List[int]]]:
+    """The ONNX file's model without the export's size check, serialised; its metadata_props; the divisibility checked.
+
+    Returns:
+        ``(None, {}, None)`` without the onnx package (onnxruntime then reads the file as it is).
 
     Raises:
-        Med3DError: onnx missing, or the file not an ONNX model.
+        Med3DError: the file is not an ONNX model onnx can read (with its external data).
     """
     try:
         import onnx
     except ImportError:
-        raise Med3DError("predicting with an ONNX model needs onnx: pip install 'med3d[onnx]'")
-    from google.protobuf.message import DecodeError
-
+        return None, {}, None
     from ..export import remove_size_check
 
     try:
         proto = onnx.load(str(path))
-    except (DecodeError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise Med3DError(f"{path}: onnxruntime cannot load it (not an ONNX model: {first})")
-    remove_size_check(proto)
-    return proto.SerializeToString()
+        checked = remove_size_check(proto)
+        return proto.SerializeToString(), {p.key: p.value for p in proto.metadata_props}, checked
+    except Exception as err:  # protobuf, onnx's checker (missing external data), OS errors: one line each
+        raise Med3DError(f"{path}: cannot be read as an ONNX model ({_first_line(err)}); export it again with "
+                         "`med3d export CHECKPOINT --format onnx`")

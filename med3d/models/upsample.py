@@ -22,6 +22,8 @@ def upsample_trilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
     Axes whose output size is a whole multiple of the input's are interpolated one at a time
     (``upsample_axis``); any other ratio (shrinking, or a fraction) goes to ``F.interpolate``.
+    Half-precision inputs are interpolated in float32 and rounded once at the end, as ATen's
+    kernel does: three passes each rounding to bf16 were twice as far from the exact values.
 
     Args:
         x: a 5D tensor, any float dtype (kept).
@@ -33,6 +35,8 @@ def upsample_trilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     factors = [m // n if n > 0 and m >= n and m % n == 0 else 0 for n, m in zip(x.shape[2:], size)]
     if not all(factors):
         return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return upsample_trilinear(x.float(), size).to(x.dtype)
     for axis in (4, 3, 2):  # X first: the two later passes then stride over fewer, longer rows (fastest here)
         if factors[axis - 2] > 1:
             x = upsample_axis(x, axis, factors[axis - 2])
