@@ -33,17 +33,13 @@ from . import values as V
 from .errors import Med3DError
 from .inference.predictor import Predictor
 from .inference.restore import restore_probabilities
+from .choices import EXPLAIN_LAYERS as LAYERS, EXPLAIN_MAX_VOXELS as DEFAULT_MAX_VOXELS
+from .choices import EXPLAIN_METHODS as METHODS
 from .inference.window import evaluating
 from .plotting import pyplot, save_png
 from .preview import lps_view
 
 PathLike = Union[str, Path]
-METHODS = ("gradcam", "gradcam++")
-LAYERS = ("stem", "layer1", "layer2", "layer3", "layer4")
-# Network-input voxels above which a scan is refused unless asked for. Measured peak memory on CPU
-# per million voxels: about 0.75 GB for ResNet-50 with the med3d head, 1.4 GB for ResNet-18 with a U-Net
-# head (full-resolution decoder), so this default needs some 6-11 GB.
-DEFAULT_MAX_VOXELS = 200 ** 3
 log = logging.getLogger(__name__)
 
 

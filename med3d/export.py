@@ -27,13 +27,11 @@ import torch.nn as nn
 from . import __version__
 from .errors import Med3DError
 from .atomic import atomic_path
+from .choices import ENCODER_FORMATS, FORMATS, MODEL_FORMATS  # noqa: F401
 from .models.multitask import MultiTaskModel
 from .models.resnet3d import ResNet3D
 from .transfer.formats import upgrade_metadata
 
-ENCODER_FORMATS = ("safetensors", "pt", "medicalnet", "monai")
-MODEL_FORMATS = ("onnx", "torchscript")
-FORMATS = ENCODER_FORMATS + MODEL_FORMATS
 
 
 def tensors_sha256(sd: Dict[str, torch.Tensor]) -> str:

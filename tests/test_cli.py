@@ -269,3 +269,27 @@ def test_predict_with_an_unknown_device_exits_2_in_one_line(tmp_path, capsys):
     assert main(["predict", str(ckpt), str(scan), "--out", str(tmp_path / "o"), "--device", "tpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--device tpu" in err
+
+
+def test_the_command_line_answers_help_and_bad_arguments_without_loading_torch():
+    """Help texts and choices come from med3d.choices; PyTorch (about 2 s to import) waits for a command's work."""
+    code = ("import sys\n"
+            "from med3d.cli import build_parser, main\n"
+            "for argv in (['--version'], ['export', '--help'], ['analyze', '--help'], ['explain', '--help'],\n"
+            "             ['inflate', '--help'], ['export', 'm.pt', '--format', 'bogus']):\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(sorted(m for m in ('torch', 'monai', 'numpy') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_the_public_names_and_submodules_load_on_first_use():
+    import med3d
+
+    assert med3d.create_model is med3d.api.create_model and callable(med3d.predict)
+    assert {"create_model", "predict", "Med3DError"} <= set(dir(med3d))
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        med3d.nothing  # noqa: B018

@@ -18,11 +18,11 @@ import torch
 import torch.nn as nn
 
 from ..errors import Med3DError
+from ..choices import ANALYSIS_MAX_EXAMPLES as DEFAULT_MAX_EXAMPLES
 from ..models.multitask import MultiTaskModel
 from ..models.resnet3d import ResNet3D
 from .similarity import linear_cka, svcca
 
-DEFAULT_MAX_EXAMPLES = 8192
 log = logging.getLogger(__name__)
 
 

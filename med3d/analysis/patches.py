@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from ..errors import Med3DError
+from ..choices import ANALYSIS_PATCH as DEFAULT_PATCH, ANALYSIS_PATCHES as DEFAULT_PATCHES
 
 PathLike = Union[str, Path]
-DEFAULT_PATCH = (32, 64, 64)
-DEFAULT_PATCHES = 16
 
 
 @dataclass

@@ -25,9 +25,8 @@ def add_analyze(sub: Subparsers) -> None:
     Args:
         sub: the subcommands of the ``med3d`` parser.
     """
-    from ..analysis.compare import DEFAULT_MAX_EXAMPLES
-    from ..analysis.patches import DEFAULT_PATCH, DEFAULT_PATCHES
-    from ..models.resnet3d import CONVS, LAYOUTS
+    from ..choices import ANALYSIS_MAX_EXAMPLES as DEFAULT_MAX_EXAMPLES, ANALYSIS_PATCH as DEFAULT_PATCH
+    from ..choices import ANALYSIS_PATCHES as DEFAULT_PATCHES, CONVS, LAYOUTS
 
     p = sub.add_parser("analyze", help="compare two weights of one encoder per stage: linear CKA, SVCCA, "
                        "relative weight change",

@@ -28,7 +28,8 @@ def add_explain(sub: Subparsers) -> None:
     Args:
         sub: the subcommands of the ``med3d`` parser.
     """
-    from ..explain import DEFAULT_MAX_VOXELS, LAYERS, METHODS
+    from ..choices import EXPLAIN_LAYERS as LAYERS, EXPLAIN_MAX_VOXELS as DEFAULT_MAX_VOXELS
+    from ..choices import EXPLAIN_METHODS as METHODS
 
     p = sub.add_parser("explain", help="class-activation maps (Grad-CAM) of a class, on the scans' own grids")
     p.add_argument("checkpoint", help="med3d checkpoint (from pretrain / finetune)")

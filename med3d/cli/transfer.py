@@ -87,8 +87,7 @@ def add_export(sub: Subparsers) -> None:
     Args:
         sub: the subcommands of the ``med3d`` parser.
     """
-    from ..export import FORMATS
-    from ..models.resnet3d import CONVS, LAYOUTS
+    from ..choices import CONVS, FORMATS, LAYOUTS
 
     p = sub.add_parser("export", help="export encoder weights or a whole model in another format",
                        description="Export from a med3d checkpoint, a med3d export, or other encoder weights "
@@ -119,8 +118,7 @@ def add_inflate(sub: Subparsers) -> None:
     Args:
         sub: the subcommands of the ``med3d`` parser.
     """
-    from ..models.resnet3d import LAYOUTS
-    from ..transfer.inflate import MODES
+    from ..choices import INFLATE_MODES as MODES, LAYOUTS
 
     q = sub.add_parser("inflate", help="inflate a 2D ImageNet ResNet (torchvision keys) to a 3D encoder",
                        description="1x3x3: slice-wise, the 2D kernels unchanged; i3d: kernels repeated over "

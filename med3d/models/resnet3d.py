@@ -7,7 +7,6 @@ checkpoints load without renaming.
 from __future__ import annotations
 
 import math
-import typing
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
 
@@ -15,14 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..choices import CONVS, LAYOUTS, Conv, Layout  # noqa: F401  (Layout, Conv: the config schema's types)
 from ..errors import Med3DError
 from ..registry import ENCODERS, resolved_args
 
 Triple = Tuple[int, int, int]
 IntOr3 = Union[int, Sequence[int]]
 # Argument types double as the config schema (med3d.registry reads them), so choices are Literals.
-Layout = Literal["dilated", "strided"]
-Conv = Literal["3d", "slicewise"]
 Shortcut = Literal["A", "B"]
 
 # depth -> (block, blocks per stage, MedicalNet's shortcut type for its released weights)
@@ -35,8 +33,6 @@ DEPTHS: Dict[int, Tuple[str, List[int], str]] = {
     152: ("bottleneck", [3, 8, 36, 3], "B"),
     200: ("bottleneck", [3, 24, 36, 3], "B"),
 }
-LAYOUTS: Tuple[str, ...] = typing.get_args(Layout)
-CONVS: Tuple[str, ...] = typing.get_args(Conv)
 # Before 0.2 the ``conv`` option was called ``kernel`` with these values; old checkpoints, exports and
 # configs still use them (``upgrade_args`` maps them), as does the CLI's ``--kernel`` flag.
 KERNEL_TO_CONV = {"3x3x3": "3d", "1x3x3": "slicewise"}

@@ -6,8 +6,8 @@ from typing import Dict, Optional
 import torch
 
 from ..errors import Med3DError
+from ..choices import INFLATE_MODES as MODES
 
-MODES = ("1x3x3", "i3d", "center")
 
 
 def inflate_kernel(weight: torch.Tensor, mode: str, depth: Optional[int] = None,
