@@ -33,7 +33,6 @@ from .models.resnet3d import ResNet3D
 from .transfer.formats import upgrade_metadata
 
 
-
 def tensors_sha256(sd: Dict[str, torch.Tensor]) -> str:
     """Hash of names, dtypes, shapes and bytes, in key order: identifies the weights, not the file."""
     h = hashlib.sha256()

@@ -373,7 +373,8 @@ def test_openvino_sessions_are_built_for_the_input_shape_with_the_threads_of_the
         runner.run(["logits"], {"image": np.zeros((2, 1, 4, 6, 6), np.float32)})
     threads, providers = built[0]
     assert threads == 2 and providers[1] == "CPUExecutionProvider"
-    assert providers[0] == (OPENVINO, {"device_type": "CPU", "num_of_threads": "2", "reshape_input": "image[2,1,4,6,6]"})
+    assert providers[0] == (OPENVINO, {"device_type": "CPU", "num_of_threads": "2",
+                                       "reshape_input": "image[2,1,4,6,6]"})
     assert chosen[0][1] == {"device_type": "CPU", "num_of_threads": "2"}  # the load's options are not changed
 
 
@@ -404,23 +405,36 @@ def test_onnx_predictor_builds_openvino_sessions_per_shape(tmp_path, monkeypatch
     assert not isinstance(onnx_predictor(path, "cpu").model.session, FixedShapeSessions)
 
 
-def test_openvino_without_reshape_input_builds_the_session_with_symbolic_sizes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("refusal", ["raises", "drops OpenVINO"])
+def test_openvino_without_reshape_input_builds_the_session_with_symbolic_sizes(tmp_path, monkeypatch, refusal):
+    """A fixed shape refused (an error), or onnxruntime-openvino before 1.23 falling back to the CPU provider."""
     from med3d.inference.onnx_runtime import OPENVINO, FixedShapeSessions
 
     real, tried = ort.InferenceSession, []
 
-    def session(graph, options, providers):
-        tried.append(providers[0])
-        if "reshape_input" in providers[0][1]:
-            raise RuntimeError("Unknown provider option reshape_input")
-        return real(graph, providers=["CPUExecutionProvider"])
+    class Session:
+        def __init__(self, graph, options, providers):
+            tried.append(providers[0])
+            fixed = "reshape_input" in providers[0][1]
+            if fixed and refusal == "raises":
+                raise RuntimeError("Unknown provider option reshape_input")
+            self.session = real(graph, providers=["CPUExecutionProvider"])
+            self.providers = (["CPUExecutionProvider"] if fixed else [OPENVINO, "CPUExecutionProvider"])
 
-    monkeypatch.setattr(ort, "InferenceSession", session)
+        def get_providers(self):
+            return self.providers
+
+        def run(self, *args):
+            return self.session.run(*args)
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
     graph = _checked_identity(tmp_path)[0].SerializeToString()
     runner = FixedShapeSessions(graph, [(OPENVINO, {"device_type": "CPU"}), "CPUExecutionProvider"], 1, "m.onnx")
     x = np.ones((1, 1, 4, 6, 6), np.float32)
     assert np.array_equal(runner.run(["logits"], {"image": x})[0], x)
-    assert [p[1] for p in tried] == [{"device_type": "CPU", "reshape_input": "image[1,1,4,6,6]"}, {"device_type": "CPU"}]
+    fixed = {"device_type": "CPU", "reshape_input": "image[1,1,4,6,6]"}
+    assert [p[1] for p in tried] == [fixed, {"device_type": "CPU"}]
+    assert runner.get_providers()[0] == OPENVINO
 
 
 def test_onnx_predict_without_the_onnx_package_runs_the_file_as_it_is(tmp_path, monkeypatch):
@@ -457,6 +471,7 @@ def test_onnx_files_that_cannot_be_used_are_one_line(tmp_path, capsys, real_data
         model = onnx.load(str(_fake_export(path, **_med3d_props(PLAN))))  # the metadata says divisibility 1
         _add_size_check(model, (8, 8, 8))
         onnx.save_model(model, str(path))
-        names = r"m\.onnx: metadata_props size_divisibility_zyx is \[1, 1, 1\] but the graph takes multiples of \[8, 8, 8\]"
+        names = (r"m\.onnx: metadata_props size_divisibility_zyx is \[1, 1, 1\] but the graph takes multiples "
+                 r"of \[8, 8, 8\]")
     refused(["predict", path, real_data / "totalseg_ct" / "ct.nii.gz", "--out", tmp_path / "out"], capsys,
             names=names, inputs=[path], watch=tmp_path)

@@ -8,10 +8,12 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${MED3D_TORCH_VERSION:-2.13.0}"
-# On x86-64 Linux the test extras bring onnxruntime's OpenVINO build. It installs the same module as the
-# plain onnxruntime, so a plain build left by an earlier setup is removed first, not overwritten.
-if [ "$(uname -m)" = x86_64 ] && .venv/bin/python -m pip show -q onnxruntime 2>/dev/null; then
-  .venv/bin/python -m pip uninstall -q -y onnxruntime
+# Where the test extras bring onnxruntime's OpenVINO build (setup.cfg's markers), a plain onnxruntime left by
+# an earlier setup goes first: both install the module onnxruntime, and removing one of two installed builds
+# deletes files the other needs, so both go and the OpenVINO build is installed afresh below.
+if .venv/bin/python -c 'import platform, sys; sys.exit(not (sys.platform == "linux" and platform.machine() == "x86_64"
+    and (3, 10) <= sys.version_info[:2] < (3, 14)))' && .venv/bin/python -m pip show -q onnxruntime 2>/dev/null; then
+  .venv/bin/python -m pip uninstall -q -y onnxruntime onnxruntime-openvino
 fi
 .venv/bin/python -m pip install -q -e ".[test]"
 .venv/bin/med3d --version

@@ -42,8 +42,8 @@ def add_explain(sub: Subparsers) -> None:
     p.add_argument("--class", dest="class_index", type=int, metavar="K",
                    help="class to explain (default: the predicted class; for segmentation the foreground class "
                    "with the largest mean logit over the volume)")
-    p.add_argument("--method", default="gradcam", help=f"{' or '.join(METHODS)} (default gradcam)")
-    p.add_argument("--layer", default="layer4", help=f"encoder stage whose features are weighted: "
+    p.add_argument("--method", default="gradcam", choices=METHODS, help=f"{' or '.join(METHODS)} (default gradcam)")
+    p.add_argument("--layer", default="layer4", choices=LAYERS, help=f"encoder stage whose features are weighted: "
                    f"{', '.join(LAYERS)} (default layer4; earlier stages give finer, less class-specific maps)")
     p.add_argument("--center", type=float, nargs=3, metavar=("X", "Y", "Z"),
                    help="classification: the ROI centre of the one scan, world mm in ITK's LPS convention "

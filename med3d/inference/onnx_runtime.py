@@ -77,7 +77,7 @@ def _with_options(name: str) -> Any:
 
 
 def _session_options(ort: Any, threads: int) -> Any:
-    """``threads`` CPU threads (PyTorch's when loading: ``torch.set_num_threads`` governs both), no spinning, errors only.
+    """``threads`` CPU threads (PyTorch's at load: ``torch.set_num_threads`` governs both), no spinning, errors only.
 
     The window loop alternates the session with PyTorch's blending and softmax; spinning ORT
     threads would hold the cores those steps need. Errors only: onnxruntime warns for every
@@ -113,8 +113,9 @@ class FixedShapeSessions:
     than one with symbolic sizes: 1.3x per window batch here (BENCHMARKS, ONNX Runtime). A window
     loop feeds one shape, and one more where its last batch holds fewer windows; each gets its
     session on first use (0.1 s for the demo model here). At most ``keep`` sessions are held (each
-    holds the weights), the oldest dropped first. Where OpenVINO refuses the fixed shape (an
-    onnxruntime without ``reshape_input``), the session is built with symbolic sizes instead.
+    holds the weights), the oldest dropped first. Where OpenVINO refuses the fixed shape, or
+    onnxruntime drops OpenVINO over it (before 1.23, which lacks ``reshape_input``), the session is
+    built with symbolic sizes instead.
 
     Args:
         graph: the serialised ONNX model (without the export's size check, which would split it).
@@ -158,8 +159,12 @@ class FixedShapeSessions:
         chosen = [(p[0], {**p[1], "reshape_input": fixed}) if isinstance(p, tuple) and p[0] == OPENVINO else p
                   for p in self.chosen]
         try:
-            return ort.InferenceSession(self.graph, _session_options(ort, self.threads), providers=chosen)
-        except Exception:  # e.g. an onnxruntime-openvino without reshape_input: symbolic sizes still run
+            session = ort.InferenceSession(self.graph, _session_options(ort, self.threads), providers=chosen)
+            # onnxruntime-openvino before 1.23 does not know reshape_input: it drops OpenVINO for the CPU
+            # provider instead of failing; symbolic sizes keep OpenVINO there.
+            if session.get_providers()[0] == _name(self.chosen[0]):
+                return session
+        except Exception:  # a shape OpenVINO refuses to fix: symbolic sizes still run
             pass
         try:
             return ort.InferenceSession(self.graph, _session_options(ort, self.threads), providers=self.chosen)

@@ -9,7 +9,6 @@ from ..errors import Med3DError
 from ..choices import INFLATE_MODES as MODES
 
 
-
 def inflate_kernel(weight: torch.Tensor, mode: str, depth: Optional[int] = None,
                    name: str = "weight") -> torch.Tensor:
     """Inflate one conv kernel (O, I, kh, kw) to (O, I, kd, kh, kw).
