@@ -228,6 +228,7 @@ def _input_channels(wrapped: _TaskModel) -> int:
 # ONNX metadata_props stored as plain text; every other value is JSON.
 ONNX_TEXT_KEYS = ("format", "med3d_version", "task", "kind", "input", "output")
 SIZE_CHECK = "_must_be_a_multiple_of_"  # in the names of the size check's nodes: ``depth_must_be_a_multiple_of_8``
+AXIS_NAMES = ("depth", "height", "width")  # the spatial axes (z, y, x) in the graph's dimension and check names
 
 
 def onnx_trace_size(input_size: Sequence[int], divisibility: Sequence[int]) -> List[int]:
@@ -354,7 +355,7 @@ def _onnx_program(wrapped: _TaskModel, example: torch.Tensor, div: Sequence[int]
         raise Med3DError(f"onnx export needs onnx and onnxscript ({err.name} is missing): pip install 'med3d[onnx]'")
     Dim = torch.export.Dim
     dims: Dict[int, Any] = {0: Dim("batch", min=1)}
-    for axis, name, d in zip((2, 3, 4), ("depth", "height", "width"), div):
+    for axis, name, d in zip((2, 3, 4), AXIS_NAMES, div):
         dims[axis] = d * Dim(f"{name}_blocks", min=1) if d > 1 else Dim(name, min=1)
     try:
         with _quiet_exporter():
@@ -383,7 +384,7 @@ def _add_size_check(proto: Any, div: Sequence[int]) -> None:
     for node in graph.node:  # the logits now come from the guard's Add
         node.output[:] = [f"{out}_unchecked" if o == out else o for o in node.output]
     nodes, sums = [], []
-    for axis, name, d in zip((2, 3, 4), ("depth", "height", "width"), div):
+    for axis, name, d in zip((2, 3, 4), AXIS_NAMES, div):
         if d == 1:
             continue
         check = f"{name}{SIZE_CHECK}{d}"
@@ -428,9 +429,9 @@ def remove_size_check(proto: Any) -> Optional[List[int]]:
     for i, node in enumerate(graph.node):
         if node.name == "size_check" or any(SIZE_CHECK in o or o.startswith("size_check_") for o in node.output):
             drop.append(i)
-        for axis, name in enumerate(("depth", "height", "width")):
-            if node.op_type == "Reshape" and node.name.startswith(f"{name}{SIZE_CHECK}"):
-                div[axis] = int(node.name[len(name) + len(SIZE_CHECK):])
+        if node.op_type == "Reshape" and SIZE_CHECK in node.name:  # ``width_must_be_a_multiple_of_8``
+            name, d = node.name.split(SIZE_CHECK)
+            div[AXIS_NAMES.index(name)] = int(d)
     if not drop:
         return None
     for i in reversed(drop):

@@ -166,10 +166,7 @@ class FixedShapeSessions:
                 return session
         except Exception:  # a shape OpenVINO refuses to fix: symbolic sizes still run
             pass
-        try:
-            return ort.InferenceSession(self.graph, _session_options(ort, self.threads), providers=self.chosen)
-        except Exception as err:
-            raise Med3DError(f"{self.where}: onnxruntime cannot load it ({_first_line(err)})")
+        return _session(ort, self.graph, self.chosen, self.threads, self.where)
 
 
 class OnnxNetwork:
